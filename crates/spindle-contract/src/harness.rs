@@ -1,0 +1,135 @@
+//! What a case needs: a fresh broker, unique names, timing, and an optional restart hook.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use spindle_core::{DynBroker, Result};
+
+type Factory = Arc<dyn Fn() -> BoxFuture<'static, Result<DynBroker>> + Send + Sync>;
+type Restart = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// The delays the time-based cases use. Short by default so the suite stays fast; a broker
+/// with coarser timers (an SQS visibility timeout counts in seconds) passes longer ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// Ack timeout given to subscriptions in cases that wait for one to pass.
+    pub ack_timeout: Duration,
+    /// Delay used for delayed publish and delayed nack.
+    pub delay: Duration,
+    /// Longest wait for a delivery that must come.
+    pub receive_timeout: Duration,
+    /// How long to watch for a delivery that must not come.
+    pub quiet: Duration,
+    /// Bound on a whole case, so a hang fails instead of stalling the run.
+    pub case_timeout: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            ack_timeout: Duration::from_millis(400),
+            delay: Duration::from_millis(300),
+            receive_timeout: Duration::from_secs(10),
+            quiet: Duration::from_millis(300),
+            case_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// How the suite reaches one backend.
+#[derive(Clone)]
+pub struct Harness {
+    factory: Factory,
+    restart: Option<Restart>,
+    /// The delays cases use.
+    pub timing: Timing,
+    case: &'static str,
+    run_id: String,
+}
+
+impl Harness {
+    /// A harness whose `factory` connects a fresh broker for each case.
+    pub fn new<F, Fut>(factory: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<DynBroker>> + Send + 'static,
+    {
+        Harness {
+            factory: Arc::new(move || Box::pin(factory())),
+            restart: None,
+            timing: Timing::default(),
+            case: "case",
+            run_id: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+        }
+    }
+
+    /// Uses these delays.
+    pub fn with_timing(mut self, timing: Timing) -> Self {
+        self.timing = timing;
+        self
+    }
+
+    /// Registers a hook that restarts the broker process (stop, then start, then return once
+    /// it accepts connections again). The restart case runs only with one.
+    pub fn with_restart<F, Fut>(mut self, restart: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.restart = Some(Arc::new(move || Box::pin(restart())));
+        self
+    }
+
+    /// Connects a fresh broker; a failure fails the case with the error.
+    pub async fn broker(&self) -> DynBroker {
+        match (self.factory)().await {
+            Ok(b) => b,
+            Err(e) => panic!("{}: cannot connect the backend: {e}", self.case),
+        }
+    }
+
+    /// A name unique to this case and run, safe for every backend (letters, digits, `-`).
+    pub fn name(&self, what: &str) -> String {
+        format!(
+            "sp-{}-{}-{}",
+            self.case.replace('_', "-"),
+            what,
+            self.run_id
+        )
+    }
+
+    /// Whether a restart hook was given.
+    pub fn can_restart(&self) -> bool {
+        self.restart.is_some()
+    }
+
+    /// Restarts the broker with the registered hook.
+    pub async fn restart(&self) {
+        let hook = self.restart.as_ref().expect("no restart hook registered");
+        hook().await
+    }
+
+    /// Runs one case within [`Timing::case_timeout`]. Called by [`contract_tests!`](crate::contract_tests).
+    pub async fn run<F>(mut self, case: &'static str, body: F)
+    where
+        F: for<'a> FnOnce(&'a Harness) -> BoxFuture<'a, ()>,
+    {
+        self.case = case;
+        let limit = self.timing.case_timeout;
+        if tokio::time::timeout(limit, body(&self)).await.is_err() {
+            panic!("{case}: did not finish within {limit:?}");
+        }
+    }
+}
+
+impl std::fmt::Debug for Harness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Harness")
+            .field("timing", &self.timing)
+            .field("case", &self.case)
+            .field("can_restart", &self.can_restart())
+            .finish()
+    }
+}

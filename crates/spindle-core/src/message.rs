@@ -1,0 +1,195 @@
+//! Messages: payload, headers, key, id and content type.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{Error, Result};
+
+/// Message headers: string keys to string values, ordered so output is stable.
+pub type Headers = BTreeMap<String, String>;
+
+/// The prefix of header names Spindle reserves for its own metadata (attempt count, delay,
+/// dead-letter reason). Adapters carry these through the broker so they survive restarts.
+pub const RESERVED_HEADER_PREFIX: &str = "spindle-";
+
+/// Reserved header: why a message was dead-lettered.
+pub const HEADER_DEAD_LETTER_REASON: &str = "spindle-dead-letter-reason";
+/// Reserved header: the attempt on which a message was dead-lettered.
+pub const HEADER_ATTEMPT: &str = "spindle-attempt";
+/// Reserved header: the topic a dead-lettered message came from.
+pub const HEADER_ORIGINAL_TOPIC: &str = "spindle-original-topic";
+
+/// Content type of messages built with [`Message::json`].
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+/// A message as published and as delivered.
+///
+/// Cloning is cheap: the id is shared and the payload is reference-counted.
+///
+/// ```
+/// use spindle_core::Message;
+/// let msg = Message::new("hello").with_header("trace", "abc").with_key("order-7");
+/// assert_eq!(&msg.payload()[..], b"hello");
+/// assert_eq!(msg.header("trace"), Some("abc"));
+/// assert!(!msg.id().is_empty());
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message {
+    id: Arc<str>,
+    payload: Bytes,
+    headers: Headers,
+    key: Option<String>,
+    content_type: Option<String>,
+}
+
+impl Message {
+    /// A message with this payload and a fresh, time-ordered id (UUIDv7).
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Message {
+            id: new_message_id().into(),
+            payload: payload.into(),
+            headers: Headers::new(),
+            key: None,
+            content_type: None,
+        }
+    }
+
+    /// A message whose payload is `value` encoded as JSON, with content type `application/json`.
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
+        let payload = serde_json::to_vec(value).map_err(|e| Error::Codec(Box::new(e)))?;
+        Ok(Message::new(payload).with_content_type(CONTENT_TYPE_JSON))
+    }
+
+    /// Decodes the payload as JSON.
+    pub fn decode_json<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_slice(&self.payload).map_err(|e| Error::Codec(Box::new(e)))
+    }
+
+    /// Replaces the id. Use a stable business id to make deduplication possible downstream.
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into().into();
+        self
+    }
+
+    /// Adds or replaces one header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Replaces all headers.
+    pub fn with_headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// Sets the ordering key: messages with the same key are delivered in order where the
+    /// backend orders (see [`Capabilities::ordering_per_key`](crate::Capabilities)).
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets the content type, e.g. `application/json`.
+    pub fn with_content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.content_type = Some(content_type.into());
+        self
+    }
+
+    /// The message id: generated (UUIDv7) unless set with [`Message::with_id`].
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The payload bytes.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// All headers.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// Mutable access to the headers (adapters strip or add reserved headers with it).
+    pub fn headers_mut(&mut self) -> &mut Headers {
+        &mut self.headers
+    }
+
+    /// One header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    /// The ordering key, if any.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// The content type, if any.
+    pub fn content_type(&self) -> Option<&str> {
+        self.content_type.as_deref()
+    }
+
+    /// Size as most backends count it: payload plus header names and values.
+    pub fn encoded_len(&self) -> usize {
+        self.payload.len()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
+impl std::fmt::Debug for Message {
+    // The payload may be large or sensitive: show its length, not its bytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("id", &self.id)
+            .field("payload_len", &self.payload.len())
+            .field("headers", &self.headers)
+            .field("key", &self.key)
+            .field("content_type", &self.content_type)
+            .finish()
+    }
+}
+
+/// A new message id: a UUIDv7, so ids sort by creation time.
+pub fn new_message_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip_sets_content_type() {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct Order {
+            id: u32,
+        }
+        let msg = Message::json(&Order { id: 7 }).unwrap();
+        assert_eq!(msg.content_type(), Some(CONTENT_TYPE_JSON));
+        assert_eq!(msg.decode_json::<Order>().unwrap(), Order { id: 7 });
+        assert!(matches!(msg.decode_json::<u32>(), Err(Error::Codec(_))));
+    }
+
+    #[test]
+    fn ids_are_unique_and_overridable() {
+        let a = Message::new("x");
+        let b = Message::new("x");
+        assert_ne!(a.id(), b.id());
+        assert_eq!(a.with_id("order-1").id(), "order-1");
+    }
+
+    #[test]
+    fn debug_hides_payload() {
+        let msg = Message::new("secret-card-number");
+        assert!(!format!("{msg:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,554 @@
+//! Spindle's embedded in-memory backend: the default, and the reference for the contract.
+//!
+//! It implements the whole portable model in-process: topics with groups (fan-out), competing
+//! consumers within a group, ack / nack / delayed nack, max attempts then a dead-letter queue,
+//! redelivery of dropped or timed-out deliveries, ordering per key, delayed publish, depth,
+//! and a bounded prefetch per consumer. Nothing survives the process: use it for tests,
+//! single-process apps and demos.
+//!
+//! ```
+//! use spindle_core::{Admin, Publisher, Subscriber, Message, SubscribeOptions};
+//! use spindle_memory::MemoryBroker;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> spindle_core::Result<()> {
+//! let broker = MemoryBroker::new();
+//! broker.ensure_topic("orders").await?;
+//! let mut sub = broker.subscribe("orders", "billing", SubscribeOptions::default()).await?;
+//! broker.publish("orders", Message::new("order #1")).await?;
+//! let delivery = sub.next_delivery().await.unwrap()?;
+//! assert_eq!(&delivery.message().payload()[..], b"order #1");
+//! delivery.ack().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! URL: `memory://`, options `max_payload_bytes`, `max_delay_ms`, `tick_ms`.
+
+mod consumer;
+mod group;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use spindle_core::{
+    async_trait, Admin, Broker, Capabilities, Config, Error, GroupDepth, GroupPolicy, Message,
+    PublishOptions, Publisher, Result, SubscribeOptions, Subscriber, Subscription,
+};
+
+use consumer::{ConsumerShared, Control};
+use group::Group;
+
+/// The URL schemes this backend answers to.
+pub const SCHEMES: &[&str] = &["memory"];
+
+const BACKEND: &str = "memory";
+
+/// Limits and timing of a [`MemoryBroker`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MemorySettings {
+    /// Largest payload accepted. Default 1 MiB, like SQS, so code tested here fits elsewhere.
+    pub max_payload_bytes: usize,
+    /// Longest publish or nack delay. Default 24 hours.
+    pub max_delay: Duration,
+    /// How often delays and ack deadlines are checked: they fire at most this late.
+    pub tick: Duration,
+}
+
+impl Default for MemorySettings {
+    fn default() -> Self {
+        MemorySettings {
+            max_payload_bytes: 1024 * 1024,
+            max_delay: Duration::from_secs(24 * 3600),
+            tick: Duration::from_millis(10),
+        }
+    }
+}
+
+impl MemorySettings {
+    /// Reads `max_payload_bytes`, `max_delay_ms` and `tick_ms` from a `memory://` config and
+    /// rejects any other option.
+    pub fn from_config(config: &Config) -> Result<Self> {
+        if !SCHEMES.contains(&config.scheme()) {
+            return Err(Error::InvalidConfig(format!(
+                "memory backend cannot use scheme `{}`",
+                config.scheme()
+            )));
+        }
+        if config.url().host_str().is_some_and(|h| !h.is_empty()) || config.url().path().len() > 1 {
+            return Err(Error::InvalidConfig(format!(
+                "memory URL takes no host or path: `{config}`; write `memory://`"
+            )));
+        }
+        let mut settings = MemorySettings::default();
+        let mut options = config.option_reader(BACKEND);
+        if let Some(v) = options.parse("max_payload_bytes")? {
+            settings.max_payload_bytes = v;
+        }
+        if let Some(v) = options.millis("max_delay_ms")? {
+            settings.max_delay = v;
+        }
+        if let Some(v) = options.millis("tick_ms")? {
+            if v.is_zero() {
+                return Err(Error::InvalidConfig(
+                    "memory: tick_ms must be at least 1".into(),
+                ));
+            }
+            settings.tick = v;
+        }
+        options.finish()?;
+        Ok(settings)
+    }
+}
+
+pub(crate) struct Topic {
+    name: Arc<str>,
+    groups: RwLock<Vec<Arc<Group>>>,
+}
+
+pub(crate) struct Inner {
+    topics: RwLock<HashMap<String, Arc<Topic>>>,
+    settings: MemorySettings,
+    publishing_closed: AtomicBool,
+    shut_down: AtomicBool,
+    sweeper_stop: Arc<(Mutex<bool>, Condvar)>,
+    sweeper: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Inner {
+    pub(crate) fn is_shut_down(&self) -> bool {
+        self.shut_down.load(Ordering::Acquire)
+    }
+
+    fn topic(&self, topic: &str) -> Result<Arc<Topic>> {
+        read(&self.topics)
+            .get(topic)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("topic `{topic}`")))
+    }
+
+    fn group(&self, topic: &str, group: &str) -> Result<Arc<Group>> {
+        let t = self.topic(topic)?;
+        let groups = read(&t.groups);
+        groups
+            .iter()
+            .find(|g| &*g.name == group)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("group `{group}` of topic `{topic}`")))
+    }
+
+    fn all_groups(&self) -> Vec<Arc<Group>> {
+        read(&self.topics)
+            .values()
+            .flat_map(|t| read(&t.groups).clone())
+            .collect()
+    }
+
+    fn stop_sweeper(&self) {
+        let (lock, cvar) = &*self.sweeper_stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cvar.notify_all();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Never join here: the sweeper itself may hold the last reference.
+        self.stop_sweeper();
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The in-memory broker. Cheap to clone; clones share the same topics.
+///
+/// A background thread (owned by the broker, stopped by [`Broker::shutdown`] or when the last
+/// clone is dropped) fires delays and ack deadlines every `tick`.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    inner: Arc<Inner>,
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker")
+            .field("settings", &self.inner.settings)
+            .field("topics", &read(&self.inner.topics).len())
+            .finish()
+    }
+}
+
+impl MemoryBroker {
+    /// A broker with default settings.
+    pub fn new() -> Self {
+        Self::with_settings(MemorySettings::default())
+    }
+
+    /// A broker from a `memory://` config.
+    pub fn from_config(config: &Config) -> Result<Self> {
+        Ok(Self::with_settings(MemorySettings::from_config(config)?))
+    }
+
+    /// A broker with these settings.
+    pub fn with_settings(settings: MemorySettings) -> Self {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let inner = Arc::new(Inner {
+            topics: RwLock::new(HashMap::new()),
+            settings,
+            publishing_closed: AtomicBool::new(false),
+            shut_down: AtomicBool::new(false),
+            sweeper_stop: stop.clone(),
+            sweeper: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&inner);
+        let tick = inner.settings.tick;
+        let handle = std::thread::Builder::new()
+            .name("spindle-memory-sweeper".into())
+            .spawn(move || sweep(weak, stop, tick))
+            .expect("spawning the memory broker's sweeper thread");
+        *inner.sweeper.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        MemoryBroker { inner }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &MemorySettings {
+        &self.inner.settings
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.is_shut_down() {
+            return Err(Error::Closed("the memory broker was shut down"));
+        }
+        Ok(())
+    }
+
+    fn check_publish(&self, message: &Message, options: &PublishOptions) -> Result<()> {
+        if self.inner.publishing_closed.load(Ordering::Acquire) {
+            return Err(Error::Closed("the publisher was closed"));
+        }
+        self.check_open()?;
+        let max = self.inner.settings.max_payload_bytes;
+        if message.payload().len() > max {
+            return Err(Error::PayloadTooLarge {
+                size: message.payload().len(),
+                max,
+            });
+        }
+        if let Some(delay) = options.delay {
+            if delay > self.inner.settings.max_delay {
+                return Err(Error::DelayTooLong {
+                    requested: delay,
+                    max: self.inner.settings.max_delay,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn routable_groups(&self, topic: &str) -> Result<Vec<Arc<Group>>> {
+        let t = self.inner.topic(topic)?;
+        let groups = read(&t.groups).clone();
+        if groups.is_empty() {
+            return Err(Error::Unroutable {
+                topic: topic.to_string(),
+            });
+        }
+        Ok(groups)
+    }
+
+    fn consume(&self, group: Arc<Group>, options: &SubscribeOptions, dlq: bool) -> Subscription {
+        let consumer = ConsumerShared::new(
+            group,
+            Arc::downgrade(&self.inner),
+            options.prefetch,
+            options.ack_timeout,
+            dlq,
+        );
+        Subscription::new(consumer.clone().into_stream(), Control(consumer))
+    }
+}
+
+/// The sweeper: fires due delays and expired ack deadlines until told to stop.
+fn sweep(inner: Weak<Inner>, stop: Arc<(Mutex<bool>, Condvar)>, tick: Duration) {
+    let (lock, cvar) = &*stop;
+    loop {
+        {
+            // The lock is not held while sweeping: `Inner::drop` may run on this thread.
+            let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let (stopped, _) = cvar
+                .wait_timeout_while(guard, tick, |stopped| !*stopped)
+                .unwrap_or_else(|e| e.into_inner());
+            if *stopped {
+                return;
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let now = Instant::now();
+        for group in inner.all_groups() {
+            for consumer in group.tick(now).iter().filter_map(Weak::upgrade) {
+                consumer.release_room();
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for MemoryBroker {
+    async fn publish_with(
+        &self,
+        topic: &str,
+        message: Message,
+        options: &PublishOptions,
+    ) -> Result<()> {
+        self.check_publish(&message, options)?;
+        let groups = self.routable_groups(topic)?;
+        let msg = Arc::new(message);
+        for g in &groups {
+            g.publish([msg.clone()], options.delay);
+        }
+        Ok(())
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
+        let options = PublishOptions::default();
+        let groups = match self.routable_groups(topic) {
+            Ok(groups) => groups,
+            Err(e) => {
+                let text = e.to_string();
+                return messages
+                    .iter()
+                    .map(|_| Err(clone_error(&e, &text)))
+                    .collect();
+            }
+        };
+        let mut results = Vec::with_capacity(messages.len());
+        let mut accepted = Vec::with_capacity(messages.len());
+        for m in messages {
+            match self.check_publish(&m, &options) {
+                Ok(()) => {
+                    accepted.push(Arc::new(m));
+                    results.push(Ok(()));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        for g in &groups {
+            g.publish(accepted.iter().cloned(), None);
+        }
+        results
+    }
+
+    async fn flush(&self) -> Result<()> {
+        // Publishing is synchronous here: there is never anything left to flush.
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.publishing_closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Errors are not `Clone` (they may carry a source); a batch that fails as a whole gives each
+/// message an equivalent error.
+fn clone_error(e: &Error, text: &str) -> Error {
+    match e {
+        Error::NotFound { what } => Error::NotFound { what: what.clone() },
+        Error::Unroutable { topic } => Error::Unroutable {
+            topic: topic.clone(),
+        },
+        Error::Closed(what) => Error::Closed(what),
+        _ => Error::backend(BACKEND, text.to_string(), false, None),
+    }
+}
+
+#[async_trait]
+impl Subscriber for MemoryBroker {
+    async fn subscribe(
+        &self,
+        topic: &str,
+        group: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription> {
+        self.check_open()?;
+        options.validate()?;
+        let t = self.inner.topic(topic)?;
+        let g = {
+            let mut groups = write(&t.groups);
+            match groups.iter().find(|g| &*g.name == group) {
+                Some(g) => g.clone(),
+                None => {
+                    let g = Group::new(t.name.clone(), group.into(), options.policy.clone());
+                    groups.push(g.clone());
+                    g
+                }
+            }
+        };
+        Ok(self.consume(g, &options, false))
+    }
+
+    async fn subscribe_dead_letters(
+        &self,
+        topic: &str,
+        group: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription> {
+        self.check_open()?;
+        options.validate()?;
+        let g = self.inner.group(topic, group)?;
+        let dlq = g
+            .dead_letters
+            .clone()
+            .expect("every group has a dead-letter queue");
+        Ok(self.consume(dlq, &options, true))
+    }
+}
+
+#[async_trait]
+impl Admin for MemoryBroker {
+    async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        self.check_open()?;
+        if topic.is_empty() {
+            return Err(Error::InvalidArgument("topic name is empty".into()));
+        }
+        write(&self.inner.topics)
+            .entry(topic.to_string())
+            .or_insert_with(|| {
+                Arc::new(Topic {
+                    name: topic.into(),
+                    groups: RwLock::new(Vec::new()),
+                })
+            });
+        Ok(())
+    }
+
+    async fn ensure_group(&self, topic: &str, group: &str, policy: &GroupPolicy) -> Result<()> {
+        self.check_open()?;
+        policy.validate()?;
+        if group.is_empty() {
+            return Err(Error::InvalidArgument("group name is empty".into()));
+        }
+        let t = self.inner.topic(topic)?;
+        let mut groups = write(&t.groups);
+        match groups.iter().find(|g| &*g.name == group) {
+            Some(g) => g.lock().policy = policy.clone(),
+            None => groups.push(Group::new(t.name.clone(), group.into(), policy.clone())),
+        }
+        Ok(())
+    }
+
+    async fn depth(&self, topic: &str, group: &str) -> Result<GroupDepth> {
+        Ok(self.inner.group(topic, group)?.depth())
+    }
+
+    async fn purge(&self, topic: &str, group: &str) -> Result<u64> {
+        Ok(self.inner.group(topic, group)?.purge())
+    }
+
+    async fn redrive(&self, topic: &str, group: &str) -> Result<u64> {
+        Ok(self.inner.group(topic, group)?.redrive())
+    }
+
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
+        let t = self.inner.topic(topic)?;
+        let removed = {
+            let mut groups = write(&t.groups);
+            let before = groups.len();
+            let mut removed = None;
+            groups.retain(|g| {
+                if &*g.name == group {
+                    removed = Some(g.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            debug_assert!(groups.len() + usize::from(removed.is_some()) == before);
+            removed
+        };
+        match removed {
+            Some(g) => {
+                g.close();
+                Ok(())
+            }
+            None => Err(Error::not_found(format!(
+                "group `{group}` of topic `{topic}`"
+            ))),
+        }
+    }
+
+    async fn delete_topic(&self, topic: &str) -> Result<()> {
+        let t = write(&self.inner.topics)
+            .remove(topic)
+            .ok_or_else(|| Error::not_found(format!("topic `{topic}`")))?;
+        for g in read(&t.groups).iter() {
+            g.close();
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::none();
+        c.fan_out = true;
+        c.ordering_per_key = true;
+        c.nack_delay = true;
+        c.max_nack_delay = Some(self.inner.settings.max_delay);
+        c.native_dead_letter = true;
+        c.delayed_publish = true;
+        c.max_publish_delay = Some(self.inner.settings.max_delay);
+        c.extend = true;
+        c.ack_deadline = true;
+        c.max_payload_bytes = self.inner.settings.max_payload_bytes;
+        c.max_batch = usize::MAX;
+        c.replay = false;
+        c.rejects_unroutable = true;
+        c.durable = false;
+        c.depth = true;
+        c.purge = true;
+        c.redrive = true;
+        c
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        if self.inner.shut_down.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.inner.publishing_closed.store(true, Ordering::Release);
+        for g in self.inner.all_groups() {
+            g.close();
+        }
+        self.inner.stop_sweeper();
+        let handle = self
+            .inner
+            .sweeper
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            // The sweeper sees the stop flag at once; joining cannot wait long.
+            let _ = handle.join();
+        }
+        Ok(())
+    }
+}
