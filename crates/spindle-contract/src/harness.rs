@@ -47,6 +47,7 @@ pub struct Harness {
     pub timing: Timing,
     case: &'static str,
     run_id: String,
+    requires: Option<(String, String)>,
 }
 
 impl Harness {
@@ -61,6 +62,7 @@ impl Harness {
             restart: None,
             timing: Timing::default(),
             case: "case",
+            requires: None,
             run_id: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
         }
     }
@@ -68,6 +70,13 @@ impl Harness {
     /// Uses these delays.
     pub fn with_timing(mut self, timing: Timing) -> Self {
         self.timing = timing;
+        self
+    }
+
+    /// Names the broker address (`host:port`) the cases need. When nothing listens there, a
+    /// case fails under CI (`CI=true`) and, elsewhere, is skipped with a loud message.
+    pub fn requires_broker(mut self, what: impl Into<String>, address: impl Into<String>) -> Self {
+        self.requires = Some((what.into(), address.into()));
         self
     }
 
@@ -117,6 +126,22 @@ impl Harness {
         F: for<'a> FnOnce(&'a Harness) -> BoxFuture<'a, ()>,
     {
         self.case = case;
+        if let Some((what, address)) = &self.requires {
+            let probe = tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio::net::TcpStream::connect(address.as_str()),
+            )
+            .await;
+            if !matches!(probe, Ok(Ok(_))) {
+                if crate::running_in_ci() {
+                    panic!("{case}: {what} is not reachable at {address}, and CI=true requires it");
+                }
+                eprintln!(
+                    "SKIPPED {case}: {what} is not reachable at {address} (this fails under CI=true)"
+                );
+                return;
+            }
+        }
         let limit = self.timing.case_timeout;
         if tokio::time::timeout(limit, body(&self)).await.is_err() {
             panic!("{case}: did not finish within {limit:?}");

@@ -18,6 +18,12 @@ mod harness;
 pub use harness::{Harness, Timing};
 pub use spindle_core::Error;
 
+/// Whether the `CI` environment variable asks for strict runs (`true` or `1`): then a broker
+/// that cannot be reached fails its tests instead of skipping them.
+pub fn running_in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
 /// Re-exported for the macro.
 #[doc(hidden)]
 pub use tokio as __tokio;
