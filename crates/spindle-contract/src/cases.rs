@@ -120,6 +120,26 @@ fn short_ack(h: &Harness) -> SubscribeOptions {
     SubscribeOptions::default().with_ack_timeout(h.timing.ack_timeout)
 }
 
+/// A latch the consumer tasks of a case watch: once finished it stays finished, so a task that
+/// was busy when it was set still sees it (a `Notify` would wake only the tasks waiting then).
+#[derive(Clone)]
+struct Done(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Done {
+    fn new() -> Self {
+        Done(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+
+    fn finish(&self) {
+        self.0.send_replace(true);
+    }
+
+    async fn wait(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
+    }
+}
+
 fn caps(broker: &DynBroker) -> Capabilities {
     broker.capabilities()
 }
@@ -662,7 +682,7 @@ pub async fn repeated_nacks_across_consumers(h: &Harness) {
     ];
     publish_all(&broker, &topic, numbered(total, "rn")).await;
     let acked = Arc::new(Mutex::new(HashSet::new()));
-    let done = Arc::new(tokio::sync::Notify::new());
+    let done = Done::new();
     let tasks: Vec<_> = subs
         .into_iter()
         .map(|mut sub| {
@@ -672,7 +692,7 @@ pub async fn repeated_nacks_across_consumers(h: &Harness) {
                 let mut seen = HashSet::new();
                 loop {
                     tokio::select! {
-                        _ = done.notified() => return,
+                        _ = done.wait() => return,
                         item = sub.next_delivery() => {
                             let Some(Ok(d)) = item else { return };
                             let id = d.message().id().to_string();
@@ -683,7 +703,7 @@ pub async fn repeated_nacks_across_consumers(h: &Harness) {
                                 let mut acked = acked.lock().unwrap();
                                 acked.insert(id);
                                 if acked.len() == total {
-                                    done.notify_waiters();
+                                    done.finish();
                                     return;
                                 }
                             }
@@ -697,7 +717,7 @@ pub async fn repeated_nacks_across_consumers(h: &Harness) {
         acked.lock().unwrap().len() == total
     })
     .await;
-    done.notify_waiters();
+    done.finish();
     for t in tasks {
         t.await.unwrap();
     }
@@ -813,12 +833,12 @@ async fn drain_shared(
     mut sub: Subscription,
     seen: Arc<Mutex<Vec<String>>>,
     total: usize,
-    done: Arc<tokio::sync::Notify>,
+    done: Done,
 ) -> usize {
     let mut mine = 0;
     loop {
         tokio::select! {
-            _ = done.notified() => return mine,
+            _ = done.wait() => return mine,
             item = sub.next_delivery() => {
                 let Some(Ok(d)) = item else { return mine };
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -828,7 +848,7 @@ async fn drain_shared(
                 let mut seen = seen.lock().unwrap();
                 seen.push(id);
                 if seen.len() >= total {
-                    done.notify_waiters();
+                    done.finish();
                     return mine;
                 }
             }
@@ -844,7 +864,7 @@ pub async fn competing_consumers_share(h: &Harness) {
     let a = subscribe(&broker, &topic, &group, opts().with_prefetch(5)).await;
     let b = subscribe(&broker, &topic, &group, opts().with_prefetch(5)).await;
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let done = Arc::new(tokio::sync::Notify::new());
+    let done = Done::new();
     let ta = tokio::spawn(drain_shared(a, seen.clone(), total, done.clone()));
     let tb = tokio::spawn(drain_shared(b, seen.clone(), total, done.clone()));
     publish_all(&broker, &topic, numbered(total, "cc")).await;
@@ -852,7 +872,7 @@ pub async fn competing_consumers_share(h: &Harness) {
         seen.lock().unwrap().len() >= total
     })
     .await;
-    done.notify_waiters();
+    done.finish();
     let (na, nb) = (ta.await.unwrap(), tb.await.unwrap());
     assert!(na > 0 && nb > 0, "both consumers got work: {na} and {nb}");
     {
@@ -911,7 +931,7 @@ pub async fn ordering_per_key(h: &Harness) {
     // Last acked sequence number per key.
     let last: Arc<Mutex<HashMap<String, i64>>> = Arc::new(Mutex::new(HashMap::new()));
     let acked = Arc::new(Mutex::new(0usize));
-    let done = Arc::new(tokio::sync::Notify::new());
+    let done = Done::new();
     let tasks: Vec<_> = subs
         .into_iter()
         .map(|mut sub| {
@@ -919,7 +939,7 @@ pub async fn ordering_per_key(h: &Harness) {
             tokio::spawn(async move {
                 loop {
                     let d = tokio::select! {
-                        _ = done.notified() => return,
+                        _ = done.wait() => return,
                         item = sub.next_delivery() => match item { Some(Ok(d)) => d, _ => return },
                     };
                     let text = String::from_utf8(d.message().payload().to_vec()).unwrap();
@@ -941,7 +961,7 @@ pub async fn ordering_per_key(h: &Harness) {
                     let mut n = acked.lock().unwrap();
                     *n += 1;
                     if *n == total {
-                        done.notify_waiters();
+                        done.finish();
                         return;
                     }
                 }
@@ -952,7 +972,7 @@ pub async fn ordering_per_key(h: &Harness) {
         *acked.lock().unwrap() >= total
     })
     .await;
-    done.notify_waiters();
+    done.finish();
     for t in tasks {
         t.await
             .expect("a consumer saw messages of one key out of order");
@@ -1357,7 +1377,7 @@ pub async fn stress_random_nacks(h: &Harness) {
         duplicates: usize,
     }
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let done = Arc::new(tokio::sync::Notify::new());
+    let done = Done::new();
     let tasks: Vec<_> = subs
         .into_iter()
         .map(|mut sub| {
@@ -1365,7 +1385,7 @@ pub async fn stress_random_nacks(h: &Harness) {
             tokio::spawn(async move {
                 loop {
                     let d = tokio::select! {
-                        _ = done.notified() => return,
+                        _ = done.wait() => return,
                         item = sub.next_delivery() => match item { Some(Ok(d)) => d, _ => return },
                     };
                     let id = d.message().id().to_string();
@@ -1381,7 +1401,7 @@ pub async fn stress_random_nacks(h: &Harness) {
                         t.duplicates += 1;
                     }
                     if t.acked.len() == total {
-                        done.notify_waiters();
+                        done.finish();
                         return;
                     }
                 }
@@ -1393,7 +1413,7 @@ pub async fn stress_random_nacks(h: &Harness) {
     while tally.lock().unwrap().acked.len() < total && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    done.notify_waiters();
+    done.finish();
     for t in tasks {
         t.await.unwrap();
     }

@@ -1,27 +1,46 @@
-//! One subscription: a bounded local buffer fed from its group, and the acknowledger its
-//! deliveries call back into.
+//! One subscription: a bounded buffer fed from its group, the deliveries it holds in flight,
+//! and the acknowledger those deliveries call back into.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use futures::stream::{self, BoxStream, StreamExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, Stream};
+use rustc_hash::FxHashMap as HashMap;
 use spindle_core::{async_trait, Acknowledger, Delivery, Error, Result, SubscriptionControl};
 use tokio::sync::Notify;
 
-use crate::group::{Group, Outcome, Taken};
-use crate::Inner;
+use crate::group::{Entry, Group};
+
+/// Scheduler turns a consumer yields before parking when its group is empty.
+const SPIN_TURNS: usize = 16;
+
+struct InFlight {
+    entry: Entry,
+    deadline: Instant,
+}
+
+#[derive(Default)]
+struct ConsumerState {
+    next_token: u64,
+    /// Fetched, not yet yielded (these are in `in_flight` too).
+    buffer: VecDeque<u64>,
+    /// Every delivery this consumer holds: the prefetch bound applies to its size.
+    in_flight: HashMap<u64, InFlight>,
+}
 
 pub(crate) struct ConsumerShared {
     pub group: Arc<Group>,
-    broker: Weak<Inner>,
+    broker_shut_down: Arc<AtomicBool>,
+    max_delay: Duration,
     prefetch: usize,
     ack_timeout: Duration,
-    /// Deliveries held: fetched into the buffer or yielded and not yet decided.
-    outstanding: AtomicUsize,
-    /// Fetched, not yet yielded.
-    buffer: Mutex<VecDeque<Taken>>,
+    state: Mutex<ConsumerState>,
     closed: AtomicBool,
     /// Wakes the stream: prefetch room freed, subscription closed, group or broker gone.
     pub wake: Notify,
@@ -31,18 +50,19 @@ pub(crate) struct ConsumerShared {
 impl ConsumerShared {
     pub fn new(
         group: Arc<Group>,
-        broker: Weak<Inner>,
+        broker_shut_down: Arc<AtomicBool>,
+        max_delay: Duration,
         prefetch: usize,
         ack_timeout: Duration,
         is_dead_letter_queue: bool,
     ) -> Arc<Self> {
         let c = Arc::new(ConsumerShared {
             group,
-            broker,
+            broker_shut_down,
+            max_delay,
             prefetch,
             ack_timeout,
-            outstanding: AtomicUsize::new(0),
-            buffer: Mutex::new(VecDeque::new()),
+            state: Mutex::new(ConsumerState::default()),
             closed: AtomicBool::new(false),
             wake: Notify::new(),
             is_dead_letter_queue,
@@ -51,32 +71,70 @@ impl ConsumerShared {
         c
     }
 
+    fn lock(&self) -> MutexGuard<'_, ConsumerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn finished(&self) -> bool {
         self.closed.load(Ordering::Acquire)
             || self.group.is_closed()
-            || self.broker.upgrade().is_none_or(|b| b.is_shut_down())
+            || self.broker_shut_down.load(Ordering::Acquire)
     }
 
-    /// One delivery's prefetch room is free again.
-    pub fn release_room(&self) {
-        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+    pub fn in_flight_count(&self) -> usize {
+        self.lock().in_flight.len()
+    }
+
+    /// Removes a held delivery; wakes the stream if that frees the room it waits for.
+    fn remove(&self, token: u64) -> Option<Entry> {
+        let mut st = self.lock();
+        let held = st.in_flight.len();
+        let f = st.in_flight.remove(&token)?;
+        drop(st);
+        if held >= self.prefetch {
+            self.wake.notify_one();
+        }
+        Some(f.entry)
+    }
+
+    /// Stops fetching and returns what was fetched but not yielded. Safe to call repeatedly:
+    /// each call returns whatever arrived since.
+    fn close_now(&self) {
+        self.closed.store(true, Ordering::Release);
+        let returned: Vec<Entry> = {
+            let mut st = self.lock();
+            let tokens: Vec<u64> = st.buffer.drain(..).collect();
+            tokens
+                .iter()
+                .filter_map(|t| st.in_flight.remove(t).map(|f| f.entry))
+                .collect()
+        };
+        self.group.requeue_unyielded(returned);
         self.wake.notify_one();
     }
 
-    fn close_now(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return;
+    /// Redelivers what is past its deadline. Called by the sweeper.
+    pub fn expire(&self, now: Instant) {
+        let expired: Vec<Entry> = {
+            let mut st = self.lock();
+            if !st.in_flight.values().any(|f| f.deadline <= now) {
+                return;
+            }
+            let tokens: Vec<u64> = st
+                .in_flight
+                .iter()
+                .filter(|(_, f)| f.deadline <= now)
+                .map(|(t, _)| *t)
+                .collect();
+            st.buffer.retain(|t| !tokens.contains(t));
+            tokens
+                .iter()
+                .filter_map(|t| st.in_flight.remove(t).map(|f| f.entry))
+                .collect()
+        };
+        for entry in expired {
+            self.group.requeue(entry, None, "ack deadline passed");
         }
-        let tokens: Vec<u64> = self
-            .buffer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .map(|t| t.token)
-            .collect();
-        let n = tokens.len();
-        self.group.return_unyielded(tokens);
-        self.outstanding.fetch_sub(n, Ordering::AcqRel);
         self.wake.notify_one();
     }
 
@@ -88,109 +146,177 @@ impl ConsumerShared {
         ))
     }
 
+    /// A fetched delivery, or else the prefetch room left.
+    fn pop_buffered(self: &Arc<Self>) -> std::result::Result<Delivery, usize> {
+        let mut st = self.lock();
+        let Some(token) = st.buffer.pop_front() else {
+            return Err(self.prefetch.saturating_sub(st.in_flight.len()));
+        };
+        let f = st
+            .in_flight
+            .get(&token)
+            .expect("buffered tokens are in flight");
+        let (msg, attempt) = (f.entry.msg.clone(), f.entry.attempts);
+        drop(st);
+        let acker: Arc<dyn Acknowledger> = self.clone();
+        Ok(Delivery::new(
+            msg,
+            attempt,
+            self.group.topic.clone(),
+            self.group.name.clone(),
+            acker,
+            token,
+        ))
+    }
+
     /// The next delivery, waiting for room and for messages; `None` once closed.
-    async fn next(self: &Arc<Self>) -> Option<Delivery> {
+    async fn next(self: &Arc<Self>, scratch: &mut Vec<Entry>) -> Option<Delivery> {
         loop {
             if self.finished() {
                 self.close_now();
                 return None;
             }
-            if let Some(t) = self
-                .buffer
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop_front()
-            {
-                let acker: Arc<dyn Acknowledger> = self.clone();
-                return Some(Delivery::new(
-                    t.msg,
-                    t.attempt,
-                    self.group.topic.clone(),
-                    self.group.name.clone(),
-                    acker,
-                    t.token,
-                ));
-            }
+            let room = match self.pop_buffered() {
+                Ok(delivery) => return Some(delivery),
+                Err(room) => room,
+            };
             let wake = self.wake.notified();
             let ready = self.group.ready_notify.notified();
             tokio::pin!(wake, ready);
             wake.as_mut().enable();
-            let room = self
-                .prefetch
-                .saturating_sub(self.outstanding.load(Ordering::Acquire));
             if room == 0 {
-                wake.await;
+                if self.lock().in_flight.len() >= self.prefetch {
+                    wake.await;
+                }
                 continue;
             }
             ready.as_mut().enable();
-            if self.finished() {
-                continue;
+            scratch.clear();
+            let mut taken = self.group.take(room, scratch);
+            // Parking a thread and waking it again costs microseconds; a publisher that is
+            // still busy usually delivers the next message sooner, so look a few more times.
+            for _ in 0..SPIN_TURNS {
+                if taken > 0 || self.finished() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+                if self.group.maybe_takeable() {
+                    taken = self.group.take(room, scratch);
+                }
             }
-            let taken = {
-                let mut buffer = self.buffer.lock().unwrap_or_else(|e| e.into_inner());
-                let weak = Arc::downgrade(self);
-                let n = self.group.take(room, self.ack_timeout, &weak, &mut buffer);
-                self.outstanding.fetch_add(n, Ordering::AcqRel);
-                n
-            };
             if taken == 0 {
                 tokio::select! {
                     _ = wake => {}
                     _ = ready => {}
                 }
+                continue;
+            }
+            let deadline = Instant::now() + self.ack_timeout;
+            let mut st = self.lock();
+            for entry in scratch.drain(..) {
+                let token = st.next_token;
+                st.next_token += 1;
+                st.buffer.push_back(token);
+                st.in_flight.insert(token, InFlight { entry, deadline });
             }
         }
     }
 
     pub fn into_stream(self: Arc<Self>) -> BoxStream<'static, Result<Delivery>> {
-        let guard = CloseOnDrop(self);
-        stream::unfold(guard, |guard| async move {
-            let delivery = guard.0.next().await?;
-            Some((Ok(delivery), guard))
+        Box::pin(DeliveryStream {
+            consumer: self,
+            scratch: Vec::new(),
+            waiting: None,
+            fast_in_a_row: 0,
         })
-        .boxed()
     }
 }
 
-/// Returns buffered messages to the group when the stream is dropped.
-struct CloseOnDrop(Arc<ConsumerShared>);
+type Waiting = BoxFuture<'static, (Option<Delivery>, Vec<Entry>)>;
 
-impl Drop for CloseOnDrop {
+/// The subscription's stream. Buffered deliveries are handed out directly; only an empty
+/// buffer builds the future that fetches and waits. Dropping it returns what it fetched.
+struct DeliveryStream {
+    consumer: Arc<ConsumerShared>,
+    scratch: Vec<Entry>,
+    waiting: Option<Waiting>,
+    fast_in_a_row: u32,
+}
+
+/// Buffered deliveries handed out before going through the slow path, which gives the
+/// scheduler a turn (a stream that is always ready would otherwise starve other tasks).
+const FAST_PATH_RUN: u32 = 64;
+
+impl Stream for DeliveryStream {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.waiting.is_none() {
+            if this.fast_in_a_row < FAST_PATH_RUN && !this.consumer.finished() {
+                if let Ok(delivery) = this.consumer.pop_buffered() {
+                    this.fast_in_a_row += 1;
+                    return Poll::Ready(Some(Ok(delivery)));
+                }
+            }
+            this.fast_in_a_row = 0;
+            let consumer = this.consumer.clone();
+            let mut scratch = std::mem::take(&mut this.scratch);
+            this.waiting = Some(Box::pin(async move {
+                tokio::task::consume_budget().await;
+                let delivery = consumer.next(&mut scratch).await;
+                (delivery, scratch)
+            }));
+        }
+        let waiting = this.waiting.as_mut().expect("set above");
+        match waiting.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready((delivery, scratch)) => {
+                this.waiting = None;
+                this.scratch = scratch;
+                Poll::Ready(delivery.map(Ok))
+            }
+        }
+    }
+}
+
+impl Drop for DeliveryStream {
     fn drop(&mut self) {
-        self.0.close_now();
+        self.consumer.close_now();
+    }
+}
+
+impl Drop for ConsumerShared {
+    fn drop(&mut self) {
+        // Deliveries keep their consumer alive, so whatever is left here was never yielded.
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let left: Vec<Entry> = st.in_flight.drain().map(|(_, f)| f.entry).collect();
+        for entry in left {
+            self.group.requeue(entry, None, "consumer dropped");
+        }
     }
 }
 
 #[async_trait]
 impl Acknowledger for ConsumerShared {
     async fn ack(&self, token: u64) -> Result<()> {
-        if self.group.ack(token) {
-            self.release_room();
-            Ok(())
-        } else {
-            Err(self.stale())
-        }
+        let entry = self.remove(token).ok_or_else(|| self.stale())?;
+        self.group.finish(&entry);
+        Ok(())
     }
 
     async fn nack(&self, token: u64, delay: Option<Duration>) -> Result<()> {
-        if let Some(delay) = delay {
-            let max = self.broker.upgrade().map(|b| b.settings.max_delay);
-            if let Some(max) = max.filter(|max| delay > *max) {
-                // The delivery goes back now rather than being lost with the error.
-                self.release(token);
-                return Err(Error::DelayTooLong {
-                    requested: delay,
-                    max,
-                });
-            }
+        if let Some(delay) = delay.filter(|d| *d > self.max_delay) {
+            // The delivery goes back now rather than being lost with the error.
+            self.release(token);
+            return Err(Error::DelayTooLong {
+                requested: delay,
+                max: self.max_delay,
+            });
         }
-        match self.group.nack(token, delay, "nacked") {
-            Some(Outcome::Requeued | Outcome::Delayed | Outcome::DeadLettered) => {
-                self.release_room();
-                Ok(())
-            }
-            None => Err(self.stale()),
-        }
+        let entry = self.remove(token).ok_or_else(|| self.stale())?;
+        self.group.requeue(entry, delay, "nacked");
+        Ok(())
     }
 
     async fn dead_letter(&self, token: u64, reason: &str) -> Result<()> {
@@ -201,29 +327,25 @@ impl Acknowledger for ConsumerShared {
                 "dead-lettering a message that is already in a dead-letter queue",
             ));
         }
-        if self.group.dead_letter(token, reason) {
-            self.release_room();
-            Ok(())
-        } else {
-            Err(self.stale())
-        }
+        let entry = self.remove(token).ok_or_else(|| self.stale())?;
+        self.group.dead_letter(entry, reason);
+        Ok(())
     }
 
     async fn extend(&self, token: u64, by: Duration) -> Result<()> {
-        if self.group.extend(token, by) {
-            Ok(())
-        } else {
-            Err(self.stale())
+        match self.lock().in_flight.get_mut(&token) {
+            Some(f) => {
+                f.deadline = Instant::now() + by;
+                Ok(())
+            }
+            None => Err(self.stale()),
         }
     }
 
     fn release(&self, token: u64) {
-        if self
-            .group
-            .nack(token, None, "released without a decision")
-            .is_some()
-        {
-            self.release_room();
+        if let Some(entry) = self.remove(token) {
+            self.group
+                .requeue(entry, None, "released without a decision");
         }
     }
 }

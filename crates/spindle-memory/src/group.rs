@@ -1,12 +1,14 @@
-//! One group's queue: ready messages (with per-key ordering), in-flight deliveries, delayed
-//! messages, and a nested dead-letter queue.
+//! One group's queue: ready messages (with per-key ordering), delayed messages, and a nested
+//! dead-letter queue. Deliveries in flight are tracked by the consumer holding them (see
+//! `consumer.rs`), so acks never contend with publishers for this lock.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use rustc_hash::FxHashMap as HashMap;
 use spindle_core::{
     GroupDepth, GroupPolicy, Message, HEADER_ATTEMPT, HEADER_DEAD_LETTER_REASON,
     HEADER_ORIGINAL_TOPIC,
@@ -36,12 +38,6 @@ struct KeyQueue {
     busy: bool,
 }
 
-pub(crate) struct InFlight {
-    entry: Entry,
-    deadline: Instant,
-    consumer: Weak<ConsumerShared>,
-}
-
 struct Delayed {
     due: Instant,
     seq: u64,
@@ -67,19 +63,11 @@ impl Ord for Delayed {
     }
 }
 
-/// What happened to a delivery that came back without an ack.
-pub(crate) enum Outcome {
-    Requeued,
-    Delayed,
-    DeadLettered,
-}
-
 pub(crate) struct GroupState {
     pub policy: GroupPolicy,
     ready: VecDeque<Slot>,
     keyed: HashMap<Arc<str>, KeyQueue>,
     ready_count: usize,
-    in_flight: HashMap<u64, InFlight>,
     delayed: BinaryHeap<Reverse<Delayed>>,
     next_seq: u64,
     consumers: Vec<Weak<ConsumerShared>>,
@@ -90,18 +78,14 @@ pub(crate) struct Group {
     pub topic: Arc<str>,
     pub name: Arc<str>,
     state: Mutex<GroupState>,
-    /// Signalled when messages become ready.
+    /// Signalled when messages become takeable.
     pub ready_notify: Notify,
+    /// How many slots were takeable when the lock was last released: lets an idle consumer
+    /// look without taking the lock a publisher needs.
+    takeable_hint: AtomicUsize,
     closed: AtomicBool,
     /// `None` for a dead-letter queue itself.
     pub dead_letters: Option<Arc<Group>>,
-}
-
-/// A message taken for delivery.
-pub(crate) struct Taken {
-    pub token: u64,
-    pub msg: Arc<Message>,
-    pub attempt: u32,
 }
 
 impl Group {
@@ -127,22 +111,30 @@ impl Group {
             state: Mutex::new(GroupState {
                 policy,
                 ready: VecDeque::new(),
-                keyed: HashMap::new(),
+                keyed: HashMap::default(),
                 ready_count: 0,
-                in_flight: HashMap::new(),
                 delayed: BinaryHeap::new(),
                 next_seq: 0,
                 consumers: Vec::new(),
             }),
             ready_notify: Notify::new(),
+            takeable_hint: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             dead_letters,
         })
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, GroupState> {
-        // A panic while holding the lock leaves plain data behind; keep serving it.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn lock(&self) -> StateGuard<'_> {
+        StateGuard {
+            // A panic while holding the lock leaves plain data behind; keep serving it.
+            guard: self.state.lock().unwrap_or_else(|e| e.into_inner()),
+            hint: &self.takeable_hint,
+        }
+    }
+
+    /// Whether anything may be takeable, without locking (a hint: `take` decides).
+    pub fn maybe_takeable(&self) -> bool {
+        self.takeable_hint.load(Ordering::Acquire) > 0
     }
 
     pub fn is_closed(&self) -> bool {
@@ -152,8 +144,7 @@ impl Group {
     /// Marks the group deleted or shut down and wakes every consumer so their streams end.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        let consumers = std::mem::take(&mut self.lock().consumers);
-        for c in consumers.iter().filter_map(Weak::upgrade) {
+        for c in self.consumers() {
             c.wake.notify_one();
         }
         self.ready_notify.notify_waiters();
@@ -168,9 +159,20 @@ impl Group {
         st.consumers.push(Arc::downgrade(consumer));
     }
 
+    pub fn consumers(&self) -> Vec<Arc<ConsumerShared>> {
+        self.lock()
+            .consumers
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
     /// Adds messages published now (or after `delay`).
     pub fn publish(&self, msgs: impl IntoIterator<Item = Arc<Message>>, delay: Option<Duration>) {
         let mut st = self.lock();
+        // Consumers were woken when the queue last became takeable; one that leaves messages
+        // behind passes the wake-up on (see `take`), so only this transition needs a wake-up.
+        let was_takeable = st.has_takeable();
         let due = delay.map(|d| Instant::now() + d);
         for msg in msgs {
             let entry = Entry { msg, attempts: 0 };
@@ -179,45 +181,23 @@ impl Group {
                 None => st.push_back(entry),
             }
         }
-        let ready = st.has_takeable();
+        let wake = !was_takeable && st.has_takeable();
         drop(st);
-        if ready {
+        if wake {
             self.ready_notify.notify_one();
         }
     }
 
-    /// Takes up to `max` ready messages for `consumer`, holding them in flight until
-    /// `ack_timeout` passes.
-    pub fn take(
-        &self,
-        max: usize,
-        ack_timeout: Duration,
-        consumer: &Weak<ConsumerShared>,
-        out: &mut VecDeque<Taken>,
-    ) -> usize {
+    /// Takes up to `max` takeable messages, counting one more attempt for each.
+    pub fn take(&self, max: usize, out: &mut Vec<Entry>) -> usize {
         let mut st = self.lock();
-        let deadline = Instant::now() + ack_timeout;
         let mut taken = 0;
         while taken < max {
             let Some(mut entry) = st.pop_ready() else {
                 break;
             };
             entry.attempts += 1;
-            let token = st.next_seq;
-            st.next_seq += 1;
-            out.push_back(Taken {
-                token,
-                msg: entry.msg.clone(),
-                attempt: entry.attempts,
-            });
-            st.in_flight.insert(
-                token,
-                InFlight {
-                    entry,
-                    deadline,
-                    consumer: consumer.clone(),
-                },
-            );
+            out.push(entry);
             taken += 1;
         }
         let more = st.has_takeable();
@@ -229,75 +209,70 @@ impl Group {
         taken
     }
 
-    /// Removes an in-flight delivery as handled. `false` if it was not in flight any more.
-    pub fn ack(&self, token: u64) -> bool {
-        let mut st = self.lock();
-        match st.in_flight.remove(&token) {
-            Some(f) => {
-                st.finish_key(&f.entry);
-                let ready = st.has_takeable();
-                drop(st);
-                if ready {
-                    self.ready_notify.notify_one();
-                }
-                true
-            }
-            None => false,
+    /// A delivered message is done (acked): a keyed message frees its key.
+    pub fn finish(&self, entry: &Entry) {
+        if entry.msg.key().is_none() {
+            return;
+        }
+        let freed = self.lock().finish_key(entry);
+        if freed {
+            self.ready_notify.notify_one();
         }
     }
 
-    /// Puts an in-flight delivery back: now, after `delay`, or in the dead-letter queue once
-    /// the policy's attempts are used up. `None` if it was not in flight any more.
-    pub fn nack(&self, token: u64, delay: Option<Duration>, why: &str) -> Option<Outcome> {
+    /// A delivered message comes back: now, after `delay`, or to the dead-letter queue once
+    /// the policy's attempts are used up. Returns whether it was dead-lettered.
+    pub fn requeue(&self, entry: Entry, delay: Option<Duration>, why: &str) -> bool {
         let mut st = self.lock();
-        let f = st.in_flight.remove(&token)?;
-        let outcome = if f.entry.attempts >= st.policy.max_attempts {
-            st.finish_key(&f.entry);
+        if entry.attempts >= st.policy.max_attempts {
+            let freed = st.finish_key(&entry);
             let reason = format!("{why}; max attempts ({}) reached", st.policy.max_attempts);
             drop(st);
-            self.dead_letter_entry(f.entry, &reason);
-            Outcome::DeadLettered
-        } else {
-            match delay {
-                Some(d) if !d.is_zero() => {
-                    st.push_delayed(Instant::now() + d, f.entry, true);
-                    drop(st);
-                    Outcome::Delayed
-                }
-                _ => {
-                    st.push_front(f.entry);
-                    drop(st);
-                    Outcome::Requeued
-                }
+            self.dead_letter_entry(entry, &reason);
+            if freed {
+                self.ready_notify.notify_one();
             }
-        };
-        if matches!(outcome, Outcome::Requeued | Outcome::DeadLettered) {
-            self.ready_notify.notify_one();
+            return true;
         }
-        Some(outcome)
+        match delay {
+            Some(d) if !d.is_zero() => st.push_delayed(Instant::now() + d, entry, true),
+            _ => {
+                st.push_front(entry);
+                drop(st);
+                self.ready_notify.notify_one();
+            }
+        }
+        false
     }
 
-    /// Moves an in-flight delivery to the dead-letter queue. `false` if it was not in flight.
-    pub fn dead_letter(&self, token: u64, reason: &str) -> bool {
+    /// Returns messages fetched but never handed to the application: back to the front, in
+    /// their order, without counting an attempt.
+    pub fn requeue_unyielded(&self, entries: Vec<Entry>) {
+        if entries.is_empty() {
+            return;
+        }
         let mut st = self.lock();
-        let Some(f) = st.in_flight.remove(&token) else {
-            return false;
-        };
-        st.finish_key(&f.entry);
-        let ready = st.has_takeable();
+        for mut entry in entries.into_iter().rev() {
+            entry.attempts = entry.attempts.saturating_sub(1);
+            st.push_front(entry);
+        }
         drop(st);
-        self.dead_letter_entry(f.entry, reason);
-        if ready {
+        self.ready_notify.notify_one();
+    }
+
+    /// Moves a delivered message to the dead-letter queue with `reason`.
+    pub fn dead_letter(&self, entry: Entry, reason: &str) {
+        let freed = self.lock().finish_key(&entry);
+        self.dead_letter_entry(entry, reason);
+        if freed {
             self.ready_notify.notify_one();
         }
-        true
     }
 
     fn dead_letter_entry(&self, entry: Entry, reason: &str) {
         let Some(dlq) = &self.dead_letters else {
-            // A dead-letter queue has no dead-letter queue of its own; its policy never runs
-            // out of attempts, so this is only reached by an explicit dead_letter, which the
-            // acknowledger refuses before getting here.
+            // A dead-letter queue never runs out of attempts, and the acknowledger refuses an
+            // explicit dead-letter there, so nothing reaches this.
             return;
         };
         let mut msg = Message::clone(&entry.msg);
@@ -308,44 +283,9 @@ impl Group {
         dlq.publish([Arc::new(msg)], None);
     }
 
-    /// Sets a new deadline, `by` from now. `false` if the delivery was not in flight.
-    pub fn extend(&self, token: u64, by: Duration) -> bool {
-        let mut st = self.lock();
-        match st.in_flight.get_mut(&token) {
-            Some(f) => {
-                f.deadline = Instant::now() + by;
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Returns deliveries that were fetched but never handed to the application: they go
-    /// back to the front without counting an attempt.
-    pub fn return_unyielded(&self, tokens: impl IntoIterator<Item = u64>) -> usize {
-        let mut st = self.lock();
-        let mut returned = Vec::new();
-        for token in tokens {
-            if let Some(mut f) = st.in_flight.remove(&token) {
-                f.entry.attempts = f.entry.attempts.saturating_sub(1);
-                returned.push(f.entry);
-            }
-        }
-        // Push in reverse so the earliest fetched ends up first.
-        let n = returned.len();
-        for entry in returned.into_iter().rev() {
-            st.push_front(entry);
-        }
-        drop(st);
-        if n > 0 {
-            self.ready_notify.notify_one();
-        }
-        n
-    }
-
-    /// Moves due delayed messages to ready and expires deliveries past their deadline.
-    /// Returns the consumers whose expired deliveries free prefetch room.
-    pub fn tick(&self, now: Instant) -> Vec<Weak<ConsumerShared>> {
+    /// Fires due delays here and in the dead-letter queue, and expires consumers' overdue
+    /// deliveries.
+    pub fn tick(&self, now: Instant) {
         let mut st = self.lock();
         let mut became_ready = false;
         while st.delayed.peek().is_some_and(|d| d.0.due <= now) {
@@ -357,49 +297,26 @@ impl Group {
             }
             became_ready = true;
         }
-        let mut expired_consumers = Vec::new();
-        if st.in_flight.values().any(|f| f.deadline <= now) {
-            let expired: Vec<u64> = st
-                .in_flight
-                .iter()
-                .filter(|(_, f)| f.deadline <= now)
-                .map(|(t, _)| *t)
-                .collect();
-            let max_attempts = st.policy.max_attempts;
-            let mut dead = Vec::new();
-            for token in expired {
-                let f = st.in_flight.remove(&token).expect("listed above");
-                expired_consumers.push(f.consumer);
-                if f.entry.attempts >= max_attempts {
-                    st.finish_key(&f.entry);
-                    dead.push(f.entry);
-                } else {
-                    st.push_front(f.entry);
-                }
-                became_ready = true;
-            }
-            drop(st);
-            let reason = format!("ack deadline passed; max attempts ({max_attempts}) reached");
-            for entry in dead {
-                self.dead_letter_entry(entry, &reason);
-            }
-        } else {
-            drop(st);
-        }
+        let consumers: Vec<_> = st.consumers.iter().filter_map(Weak::upgrade).collect();
+        drop(st);
         if became_ready {
             self.ready_notify.notify_one();
         }
-        if let Some(dlq) = &self.dead_letters {
-            expired_consumers.extend(dlq.tick(now));
+        for c in consumers {
+            c.expire(now);
         }
-        expired_consumers
+        if let Some(dlq) = &self.dead_letters {
+            dlq.tick(now);
+        }
     }
 
     pub fn depth(&self) -> GroupDepth {
-        let (ready, in_flight, delayed) = {
+        let (ready, delayed, consumers) = {
             let st = self.lock();
-            (st.ready_count, st.in_flight.len(), st.delayed.len())
+            let consumers: Vec<_> = st.consumers.iter().filter_map(Weak::upgrade).collect();
+            (st.ready_count, st.delayed.len(), consumers)
         };
+        let in_flight: usize = consumers.iter().map(|c| c.in_flight_count()).sum();
         let dead = self
             .dead_letters
             .as_ref()
@@ -412,18 +329,22 @@ impl Group {
     pub fn purge(&self) -> u64 {
         let mut st = self.lock();
         let n = st.ready_count + st.delayed.len();
+        let delayed = std::mem::take(&mut st.delayed);
+        for Reverse(d) in delayed {
+            if d.holds_key {
+                // The purged message was holding its key; nothing else of it is in flight.
+                if let Some(key) = d.entry.msg.key() {
+                    if let Some(q) = st.keyed.get_mut(key) {
+                        q.busy = false;
+                    }
+                }
+            }
+        }
         st.ready.clear();
         st.ready_count = 0;
-        st.delayed.clear();
-        // Keys stay only while a message of theirs is in flight.
-        let busy: std::collections::HashSet<Arc<str>> = st
-            .in_flight
-            .values()
-            .filter_map(|f| f.entry.msg.key().map(Arc::from))
-            .collect();
-        st.keyed.retain(|k, q| {
+        // A key stays only while a message of it is in flight.
+        st.keyed.retain(|_, q| {
             q.items.clear();
-            q.busy = busy.contains(k);
             q.busy
         });
         n as u64
@@ -456,6 +377,31 @@ impl Group {
     }
 }
 
+/// The group's lock; releasing it publishes the takeable hint.
+pub(crate) struct StateGuard<'a> {
+    guard: MutexGuard<'a, GroupState>,
+    hint: &'a AtomicUsize,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = GroupState;
+    fn deref(&self) -> &GroupState {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut GroupState {
+        &mut self.guard
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        self.hint.store(self.guard.ready.len(), Ordering::Release);
+    }
+}
+
 impl GroupState {
     /// Whether a consumer could take a message now. Messages of busy keys are ready but not
     /// takeable, so waking consumers for them would only make them spin.
@@ -463,15 +409,19 @@ impl GroupState {
         !self.ready.is_empty()
     }
 
+    fn key_arc(&self, key: &str) -> Arc<str> {
+        match self.keyed.get_key_value(key) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(key),
+        }
+    }
+
     fn push_back(&mut self, entry: Entry) {
         self.ready_count += 1;
         match entry.msg.key() {
             None => self.ready.push_back(Slot::Unkeyed(entry)),
             Some(key) => {
-                let key: Arc<str> = match self.keyed.get_key_value(key) {
-                    Some((k, _)) => k.clone(),
-                    None => Arc::from(key),
-                };
+                let key = self.key_arc(key);
                 let q = self.keyed.entry(key.clone()).or_default();
                 q.items.push_back(entry);
                 if !q.busy && q.items.len() == 1 {
@@ -488,10 +438,7 @@ impl GroupState {
         match entry.msg.key() {
             None => self.ready.push_front(Slot::Unkeyed(entry)),
             Some(key) => {
-                let key: Arc<str> = match self.keyed.get_key_value(key) {
-                    Some((k, _)) => k.clone(),
-                    None => Arc::from(key),
-                };
+                let key = self.key_arc(key);
                 let q = self.keyed.entry(key.clone()).or_default();
                 let was_scheduled = !q.busy && !q.items.is_empty();
                 q.items.push_front(entry);
@@ -534,18 +481,22 @@ impl GroupState {
     }
 
     /// A keyed message is done (acked or dead-lettered): the key's next message may go.
-    fn finish_key(&mut self, entry: &Entry) {
-        let Some(key) = entry.msg.key() else { return };
-        let Some((k, _)) = self.keyed.get_key_value(key) else {
-            return;
+    /// Returns whether that made a message takeable.
+    fn finish_key(&mut self, entry: &Entry) -> bool {
+        let Some(key) = entry.msg.key() else {
+            return false;
         };
-        let k = k.clone();
-        let q = self.keyed.get_mut(key).expect("just found");
+        let Some(q) = self.keyed.get_mut(key) else {
+            return false;
+        };
         q.busy = false;
         if q.items.is_empty() {
             self.keyed.remove(key);
+            false
         } else {
-            self.ready.push_back(Slot::Key(k));
+            let key = self.key_arc(key);
+            self.ready.push_back(Slot::Key(key));
+            true
         }
     }
 }

@@ -26,7 +26,6 @@
 mod consumer;
 mod group;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
@@ -39,6 +38,7 @@ use spindle_core::{
 
 use consumer::{ConsumerShared, Control};
 use group::Group;
+use rustc_hash::FxHashMap as HashMap;
 
 /// The URL schemes this backend answers to.
 pub const SCHEMES: &[&str] = &["memory"];
@@ -112,7 +112,7 @@ pub(crate) struct Inner {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     settings: MemorySettings,
     publishing_closed: AtomicBool,
-    shut_down: AtomicBool,
+    shut_down: Arc<AtomicBool>,
     sweeper_stop: Arc<(Mutex<bool>, Condvar)>,
     sweeper: Mutex<Option<JoinHandle<()>>>,
 }
@@ -207,10 +207,10 @@ impl MemoryBroker {
     pub fn with_settings(settings: MemorySettings) -> Self {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let inner = Arc::new(Inner {
-            topics: RwLock::new(HashMap::new()),
+            topics: RwLock::new(HashMap::default()),
             settings,
             publishing_closed: AtomicBool::new(false),
-            shut_down: AtomicBool::new(false),
+            shut_down: Arc::new(AtomicBool::new(false)),
             sweeper_stop: stop.clone(),
             sweeper: Mutex::new(None),
         });
@@ -259,21 +259,26 @@ impl MemoryBroker {
         Ok(())
     }
 
-    fn routable_groups(&self, topic: &str) -> Result<Vec<Arc<Group>>> {
-        let t = self.inner.topic(topic)?;
-        let groups = read(&t.groups).clone();
+    /// Runs `f` on the topic's groups, under the topic's read lock (no copy on the hot path).
+    fn with_groups<T>(&self, topic: &str, f: impl FnOnce(&[Arc<Group>]) -> T) -> Result<T> {
+        let topics = read(&self.inner.topics);
+        let t = topics
+            .get(topic)
+            .ok_or_else(|| Error::not_found(format!("topic `{topic}`")))?;
+        let groups = read(&t.groups);
         if groups.is_empty() {
             return Err(Error::Unroutable {
                 topic: topic.to_string(),
             });
         }
-        Ok(groups)
+        Ok(f(&groups))
     }
 
     fn consume(&self, group: Arc<Group>, options: &SubscribeOptions, dlq: bool) -> Subscription {
         let consumer = ConsumerShared::new(
             group,
-            Arc::downgrade(&self.inner),
+            self.inner.shut_down.clone(),
+            self.inner.settings.max_delay,
             options.prefetch,
             options.ack_timeout,
             dlq,
@@ -299,9 +304,7 @@ fn sweep(inner: Weak<Inner>, stop: Arc<(Mutex<bool>, Condvar)>, tick: Duration) 
         let Some(inner) = inner.upgrade() else { return };
         let now = Instant::now();
         for group in inner.all_groups() {
-            for consumer in group.tick(now).iter().filter_map(Weak::upgrade) {
-                consumer.release_room();
-            }
+            group.tick(now);
         }
     }
 }
@@ -314,27 +317,21 @@ impl Publisher for MemoryBroker {
         message: Message,
         options: &PublishOptions,
     ) -> Result<()> {
+        // Publishing never waits, so give the scheduler its turn now and then: a consumer
+        // woken on this thread gets to run instead of queueing behind a publishing loop.
+        tokio::task::consume_budget().await;
         self.check_publish(&message, options)?;
-        let groups = self.routable_groups(topic)?;
         let msg = Arc::new(message);
-        for g in &groups {
-            g.publish([msg.clone()], options.delay);
-        }
-        Ok(())
+        self.with_groups(topic, |groups| {
+            for g in groups {
+                g.publish([msg.clone()], options.delay);
+            }
+        })
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
+        tokio::task::consume_budget().await;
         let options = PublishOptions::default();
-        let groups = match self.routable_groups(topic) {
-            Ok(groups) => groups,
-            Err(e) => {
-                let text = e.to_string();
-                return messages
-                    .iter()
-                    .map(|_| Err(clone_error(&e, &text)))
-                    .collect();
-            }
-        };
         let mut results = Vec::with_capacity(messages.len());
         let mut accepted = Vec::with_capacity(messages.len());
         for m in messages {
@@ -346,8 +343,17 @@ impl Publisher for MemoryBroker {
                 Err(e) => results.push(Err(e)),
             }
         }
-        for g in &groups {
-            g.publish(accepted.iter().cloned(), None);
+        let routed = self.with_groups(topic, |groups| {
+            for g in groups {
+                g.publish(accepted.iter().cloned(), None);
+            }
+        });
+        if let Err(e) = routed {
+            // Nothing was enqueued: every message that passed its own checks gets the error.
+            let text = e.to_string();
+            for r in results.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(clone_error(&e, &text));
+            }
         }
         results
     }
