@@ -274,6 +274,16 @@ impl MemoryBroker {
         Ok(f(&groups))
     }
 
+    fn publish_now(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
+        self.check_publish(&message, options)?;
+        let msg = Arc::new(message);
+        self.with_groups(topic, |groups| {
+            for g in groups {
+                g.publish([msg.clone()], options.delay);
+            }
+        })
+    }
+
     fn consume(&self, group: Arc<Group>, options: &SubscribeOptions, dlq: bool) -> Subscription {
         let consumer = ConsumerShared::new(
             group,
@@ -320,13 +330,13 @@ impl Publisher for MemoryBroker {
         // Publishing never waits, so give the scheduler its turn now and then: a consumer
         // woken on this thread gets to run instead of queueing behind a publishing loop.
         tokio::task::consume_budget().await;
-        self.check_publish(&message, options)?;
-        let msg = Arc::new(message);
-        self.with_groups(topic, |groups| {
-            for g in groups {
-                g.publish([msg.clone()], options.delay);
-            }
-        })
+        self.publish_now(topic, message, options)
+    }
+
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        // Not the default (which boxes a second future for `publish_with`): the hot path.
+        tokio::task::consume_budget().await;
+        self.publish_now(topic, message, &PublishOptions::default())
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {

@@ -23,7 +23,8 @@ fn settings_from_config() {
     assert_eq!(s.max_payload_bytes, 10);
     assert_eq!(s.max_delay, Duration::from_secs(2));
     assert_eq!(s.tick, Duration::from_millis(3));
-    let err = MemorySettings::from_config(&Config::parse("memory://?tick_ms=0").unwrap()).unwrap_err();
+    let err =
+        MemorySettings::from_config(&Config::parse("memory://?tick_ms=0").unwrap()).unwrap_err();
     assert!(err.to_string().contains("tick_ms"), "{err}");
     let err = MemorySettings::from_config(&Config::parse("amqp://h").unwrap()).unwrap_err();
     assert!(matches!(err, Error::InvalidConfig(_)));
@@ -33,15 +34,27 @@ fn settings_from_config() {
 async fn dead_letter_queue_cannot_dead_letter_again() {
     let b = MemoryBroker::new();
     b.ensure_topic("t").await.unwrap();
-    let mut sub = b.subscribe("t", "g", SubscribeOptions::default()).await.unwrap();
+    let mut sub = b
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
     b.publish("t", Message::new("x")).await.unwrap();
     recv(&mut sub).await.dead_letter("bad").await.unwrap();
-    let mut dlq = b.subscribe_dead_letters("t", "g", SubscribeOptions::default()).await.unwrap();
+    let mut dlq = b
+        .subscribe_dead_letters("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
     let d = recv(&mut dlq).await;
-    assert!(matches!(d.dead_letter("again").await, Err(Error::Unsupported { .. })));
+    assert!(matches!(
+        d.dead_letter("again").await,
+        Err(Error::Unsupported { .. })
+    ));
     // Refused, not lost: it is delivered again from the dead-letter queue.
     let again = recv(&mut dlq).await;
-    assert_eq!(again.message().header(HEADER_DEAD_LETTER_REASON), Some("bad"));
+    assert_eq!(
+        again.message().header(HEADER_DEAD_LETTER_REASON),
+        Some("bad")
+    );
     again.ack().await.unwrap();
 }
 
@@ -49,8 +62,13 @@ async fn dead_letter_queue_cannot_dead_letter_again() {
 async fn redrive_strips_dead_letter_headers() {
     let b = MemoryBroker::new();
     b.ensure_topic("t").await.unwrap();
-    let mut sub = b.subscribe("t", "g", SubscribeOptions::default()).await.unwrap();
-    b.publish("t", Message::new("x").with_header("keep", "me")).await.unwrap();
+    let mut sub = b
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
+    b.publish("t", Message::new("x").with_header("keep", "me"))
+        .await
+        .unwrap();
     recv(&mut sub).await.dead_letter("bad").await.unwrap();
     assert_eq!(b.redrive("t", "g").await.unwrap(), 1);
     let d = recv(&mut sub).await;
@@ -64,9 +82,14 @@ async fn redrive_strips_dead_letter_headers() {
 async fn delayed_nack_of_a_key_holds_back_that_key_only() {
     let b = MemoryBroker::new();
     b.ensure_topic("t").await.unwrap();
-    let mut sub = b.subscribe("t", "g", SubscribeOptions::default()).await.unwrap();
+    let mut sub = b
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
     for (key, n) in [("a", 1), ("a", 2), ("b", 1)] {
-        b.publish("t", Message::new(format!("{key}{n}")).with_key(key)).await.unwrap();
+        b.publish("t", Message::new(format!("{key}{n}")).with_key(key))
+            .await
+            .unwrap();
     }
     let a1 = recv(&mut sub).await;
     assert_eq!(&a1.message().payload()[..], b"a1");
@@ -76,7 +99,11 @@ async fn delayed_nack_of_a_key_holds_back_that_key_only() {
     assert_eq!(&next.message().payload()[..], b"b1");
     next.ack().await.unwrap();
     let again = recv(&mut sub).await;
-    assert_eq!(&again.message().payload()[..], b"a1", "a1 comes back before a2");
+    assert_eq!(
+        &again.message().payload()[..],
+        b"a1",
+        "a1 comes back before a2"
+    );
     again.ack().await.unwrap();
     let a2 = recv(&mut sub).await;
     assert_eq!(&a2.message().payload()[..], b"a2");
@@ -87,13 +114,28 @@ async fn delayed_nack_of_a_key_holds_back_that_key_only() {
 async fn purge_releases_a_key_held_by_a_delayed_nack() {
     let b = MemoryBroker::new();
     b.ensure_topic("t").await.unwrap();
-    let mut sub = b.subscribe("t", "g", SubscribeOptions::default()).await.unwrap();
-    b.publish("t", Message::new("k1").with_key("k")).await.unwrap();
-    recv(&mut sub).await.nack_after(Duration::from_secs(60)).await.unwrap();
+    let mut sub = b
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
+    b.publish("t", Message::new("k1").with_key("k"))
+        .await
+        .unwrap();
+    recv(&mut sub)
+        .await
+        .nack_after(Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(b.purge("t", "g").await.unwrap(), 1);
-    b.publish("t", Message::new("k2").with_key("k")).await.unwrap();
+    b.publish("t", Message::new("k2").with_key("k"))
+        .await
+        .unwrap();
     let d = recv(&mut sub).await;
-    assert_eq!(&d.message().payload()[..], b"k2", "the key is free after the purge");
+    assert_eq!(
+        &d.message().payload()[..],
+        b"k2",
+        "the key is free after the purge"
+    );
     d.ack().await.unwrap();
 }
 
@@ -101,28 +143,48 @@ async fn purge_releases_a_key_held_by_a_delayed_nack() {
 async fn ensure_group_updates_policy_and_validates() {
     let b = MemoryBroker::new();
     b.ensure_topic("t").await.unwrap();
-    b.ensure_group("t", "g", &GroupPolicy::max_attempts(1)).await.unwrap();
-    let mut sub = b.subscribe("t", "g", SubscribeOptions::default()).await.unwrap();
+    b.ensure_group("t", "g", &GroupPolicy::max_attempts(1))
+        .await
+        .unwrap();
+    let mut sub = b
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
     b.publish("t", Message::new("once")).await.unwrap();
     recv(&mut sub).await.nack().await.unwrap();
-    assert_eq!(b.depth("t", "g").await.unwrap().dead_lettered, 1, "one attempt only");
-    assert!(b.ensure_group("missing", "g", &GroupPolicy::default()).await.is_err());
+    assert_eq!(
+        b.depth("t", "g").await.unwrap().dead_lettered,
+        1,
+        "one attempt only"
+    );
+    assert!(b
+        .ensure_group("missing", "g", &GroupPolicy::default())
+        .await
+        .is_err());
 }
 
 #[tokio::test]
 async fn delete_group_ends_its_streams_and_unroutes() {
     let b = MemoryBroker::new();
     b.ensure_topic("t").await.unwrap();
-    let mut sub = b.subscribe("t", "g", SubscribeOptions::default()).await.unwrap();
+    let mut sub = b
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
     b.delete_group("t", "g").await.unwrap();
-    let end = tokio::time::timeout(Duration::from_secs(5), sub.next_delivery()).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), sub.next_delivery())
+        .await
+        .unwrap();
     assert!(end.is_none());
     assert!(matches!(
         b.publish("t", Message::new("x")).await,
         Err(Error::Unroutable { .. })
     ));
     b.delete_topic("t").await.unwrap();
-    assert!(matches!(b.delete_topic("t").await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        b.delete_topic("t").await,
+        Err(Error::NotFound { .. })
+    ));
 }
 
 #[tokio::test]
