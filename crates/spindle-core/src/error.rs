@@ -99,6 +99,15 @@ pub enum Error {
         operation: &'static str,
     },
 
+    /// A queue is at its capacity; the message was not accepted. Retry once consumers catch up.
+    #[error("{what} is full ({limit} messages waiting)")]
+    Full {
+        /// The queue, e.g. `group \"billing\" of topic \"orders\"`.
+        what: String,
+        /// Its capacity.
+        limit: usize,
+    },
+
     /// An operation did not finish in time.
     #[error("{operation} timed out after {after:?}")]
     Timeout {
@@ -144,7 +153,7 @@ impl Error {
     /// Whether retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Connection { .. } | Error::Timeout { .. } => true,
+            Error::Connection { .. } | Error::Timeout { .. } | Error::Full { .. } => true,
             Error::Backend { transient, .. } => *transient,
             _ => false,
         }

@@ -83,6 +83,9 @@ pub(crate) struct Group {
     /// How many slots were takeable when the lock was last released: lets an idle consumer
     /// look without taking the lock a publisher needs.
     takeable_hint: AtomicUsize,
+    /// Ready plus delayed messages when the lock was last released: the capacity check reads
+    /// it without locking.
+    queued_hint: AtomicUsize,
     closed: AtomicBool,
     /// `None` for a dead-letter queue itself.
     pub dead_letters: Option<Arc<Group>>,
@@ -119,6 +122,7 @@ impl Group {
             }),
             ready_notify: Notify::new(),
             takeable_hint: AtomicUsize::new(0),
+            queued_hint: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             dead_letters,
         })
@@ -129,7 +133,13 @@ impl Group {
             // A panic while holding the lock leaves plain data behind; keep serving it.
             guard: self.state.lock().unwrap_or_else(|e| e.into_inner()),
             hint: &self.takeable_hint,
+            queued: &self.queued_hint,
         }
+    }
+
+    /// Messages waiting (ready or delayed), as of the last release of the lock.
+    pub fn queued(&self) -> usize {
+        self.queued_hint.load(Ordering::Acquire)
     }
 
     /// Whether anything may be takeable, without locking (a hint: `take` decides).
@@ -381,6 +391,7 @@ impl Group {
 pub(crate) struct StateGuard<'a> {
     guard: MutexGuard<'a, GroupState>,
     hint: &'a AtomicUsize,
+    queued: &'a AtomicUsize,
 }
 
 impl std::ops::Deref for StateGuard<'_> {
@@ -399,6 +410,8 @@ impl std::ops::DerefMut for StateGuard<'_> {
 impl Drop for StateGuard<'_> {
     fn drop(&mut self) {
         self.hint.store(self.guard.ready.len(), Ordering::Release);
+        let queued = self.guard.ready_count + self.guard.delayed.len();
+        self.queued.store(queued, Ordering::Release);
     }
 }
 

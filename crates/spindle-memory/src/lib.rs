@@ -21,7 +21,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! URL: `memory://`, options `max_payload_bytes`, `max_delay_ms`, `tick_ms`.
+//! URL: `memory://`, options `max_payload_bytes`, `max_delay_ms`, `tick_ms`, `max_depth`.
 
 mod consumer;
 mod group;
@@ -55,6 +55,9 @@ pub struct MemorySettings {
     pub max_delay: Duration,
     /// How often delays and ack deadlines are checked: they fire at most this late.
     pub tick: Duration,
+    /// Most messages waiting (ready or delayed) in one group; a publish that would go past it
+    /// fails with [`Error::Full`] rather than letting memory grow without bound. Default 1,000,000.
+    pub max_depth: usize,
 }
 
 impl Default for MemorySettings {
@@ -63,6 +66,7 @@ impl Default for MemorySettings {
             max_payload_bytes: 1024 * 1024,
             max_delay: Duration::from_secs(24 * 3600),
             tick: Duration::from_millis(10),
+            max_depth: 1_000_000,
         }
     }
 }
@@ -97,6 +101,9 @@ impl MemorySettings {
                 ));
             }
             settings.tick = v;
+        }
+        if let Some(v) = options.parse("max_depth")? {
+            settings.max_depth = v;
         }
         options.finish()?;
         Ok(settings)
@@ -259,8 +266,14 @@ impl MemoryBroker {
         Ok(())
     }
 
-    /// Runs `f` on the topic's groups, under the topic's read lock (no copy on the hot path).
-    fn with_groups<T>(&self, topic: &str, f: impl FnOnce(&[Arc<Group>]) -> T) -> Result<T> {
+    /// Runs `f` on the topic's groups, under the topic's read lock (no copy on the hot path),
+    /// after checking that each can take `adding` more messages.
+    fn with_groups<T>(
+        &self,
+        topic: &str,
+        adding: usize,
+        f: impl FnOnce(&[Arc<Group>]) -> T,
+    ) -> Result<T> {
         let topics = read(&self.inner.topics);
         let t = topics
             .get(topic)
@@ -271,13 +284,20 @@ impl MemoryBroker {
                 topic: topic.to_string(),
             });
         }
+        let limit = self.inner.settings.max_depth;
+        if let Some(full) = groups.iter().find(|g| g.queued() + adding > limit) {
+            return Err(Error::Full {
+                what: format!("group `{}` of topic `{topic}`", full.name),
+                limit,
+            });
+        }
         Ok(f(&groups))
     }
 
     fn publish_now(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
         self.check_publish(&message, options)?;
         let msg = Arc::new(message);
-        self.with_groups(topic, |groups| {
+        self.with_groups(topic, 1, |groups| {
             for g in groups {
                 g.publish([msg.clone()], options.delay);
             }
@@ -353,7 +373,7 @@ impl Publisher for MemoryBroker {
                 Err(e) => results.push(Err(e)),
             }
         }
-        let routed = self.with_groups(topic, |groups| {
+        let routed = self.with_groups(topic, accepted.len(), |groups| {
             for g in groups {
                 g.publish(accepted.iter().cloned(), None);
             }
@@ -388,6 +408,10 @@ fn clone_error(e: &Error, text: &str) -> Error {
             topic: topic.clone(),
         },
         Error::Closed(what) => Error::Closed(what),
+        Error::Full { what, limit } => Error::Full {
+            what: what.clone(),
+            limit: *limit,
+        },
         _ => Error::backend(BACKEND, text.to_string(), false, None),
     }
 }

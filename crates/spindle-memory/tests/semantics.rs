@@ -196,3 +196,39 @@ async fn dropping_the_broker_stops_its_sweeper() {
     // Shut down twice is fine and nothing hangs.
     weak_probe.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_full_group_refuses_publishes_instead_of_growing() {
+    let b = MemoryBroker::from_config(&Config::parse("memory://?max_depth=3").unwrap()).unwrap();
+    b.ensure_topic("t").await.unwrap();
+    b.ensure_group("t", "slow", &GroupPolicy::default())
+        .await
+        .unwrap();
+    b.ensure_group("t", "fast", &GroupPolicy::default())
+        .await
+        .unwrap();
+    for i in 0..3 {
+        b.publish("t", Message::new(format!("{i}"))).await.unwrap();
+    }
+    let err = b.publish("t", Message::new("4")).await.unwrap_err();
+    assert!(matches!(err, Error::Full { limit: 3, .. }), "{err:?}");
+    assert!(err.is_transient());
+    // All or nothing: no group got the refused message.
+    assert_eq!(b.depth("t", "fast").await.unwrap().ready, 3);
+    let results = b
+        .publish_batch("t", vec![Message::new("a"), Message::new("b")])
+        .await;
+    assert!(results.iter().all(|r| matches!(r, Err(Error::Full { .. }))));
+    // Consuming makes room again.
+    let mut slow = b
+        .subscribe("t", "slow", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let mut fast = b
+        .subscribe("t", "fast", SubscribeOptions::default())
+        .await
+        .unwrap();
+    recv(&mut slow).await.ack().await.unwrap();
+    recv(&mut fast).await.ack().await.unwrap();
+    b.publish("t", Message::new("5")).await.unwrap();
+}
