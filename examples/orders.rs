@@ -50,12 +50,19 @@ fn orders() -> Vec<OrderPlaced> {
 fn handle(group: &str, order: &OrderPlaced) -> Result<String, String> {
     match group {
         "inventory" => Ok(format!("reserved stock for order {}", order.order_id)),
-        "payment" if order.card.starts_with("0000") => {
-            Err(format!("card {} declined", order.card))
-        }
-        "payment" => Ok(format!("charged ${:.2} for order {}", order.amount, order.order_id)),
-        "notification" => Ok(format!("emailed user {} about order {}", order.user_id, order.order_id)),
-        _ => Ok(format!("recorded order {} (${:.2})", order.order_id, order.amount)),
+        "payment" if order.card.starts_with("0000") => Err(format!("card {} declined", order.card)),
+        "payment" => Ok(format!(
+            "charged ${:.2} for order {}",
+            order.amount, order.order_id
+        )),
+        "notification" => Ok(format!(
+            "emailed user {} about order {}",
+            order.user_id, order.order_id
+        )),
+        _ => Ok(format!(
+            "recorded order {} (${:.2})",
+            order.order_id, order.amount
+        )),
     }
 }
 
@@ -72,7 +79,10 @@ async fn run_service(
         let delivery: Delivery = sub.next_delivery().await.ok_or(Error::Closed("stream"))??;
         let order: OrderPlaced = delivery.decode_json()?;
         if handled.contains(&order.order_id) {
-            println!("[{group:<12}] order {} again: already handled, acking", order.order_id);
+            println!(
+                "[{group:<12}] order {} again: already handled, acking",
+                order.order_id
+            );
             delivery.ack().await?;
             continue;
         }
@@ -107,7 +117,10 @@ async fn run_service(
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let broker: DynBroker = spindle::connect_from_env().await?;
     let caps = broker.capabilities();
-    println!("Spindle order-events demo on the `{}` backend\n", broker.name());
+    println!(
+        "Spindle order-events demo on the `{}` backend\n",
+        broker.name()
+    );
 
     // A fresh topic per run, so a durable broker never replays an earlier run's events.
     let topic = format!("order_events-{}", &spindle::new_message_id()[24..]);
@@ -121,7 +134,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         broker.ensure_group(&topic, group, &policy).await?;
         let sub = broker.subscribe(&topic, group, options.clone()).await?;
         let retry_delay = caps.nack_delay.then_some(Duration::from_millis(100));
-        services.push((group, tokio::spawn(run_service(group, sub, orders().len(), retry_delay))));
+        services.push((
+            group,
+            tokio::spawn(run_service(group, sub, orders().len(), retry_delay)),
+        ));
     }
 
     for order in orders() {
@@ -130,7 +146,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .with_key(format!("user-{}", order.user_id))
             .with_header("event", "order_placed");
         broker.publish(&topic, message).await?;
-        println!("[order-service] published order_placed {} (${:.2})", order.order_id, order.amount);
+        println!(
+            "[order-service] published order_placed {} (${:.2})",
+            order.order_id, order.amount
+        );
     }
     println!();
 
@@ -155,7 +174,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-
     let mut dead = broker
         .subscribe_dead_letters(&topic, "payment", SubscribeOptions::default())
         .await?;
@@ -168,7 +186,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "\n[dead-letter ] payment gave up on order {} after {} attempts: {}",
         poison.order_id,
         letter.message().header(HEADER_ATTEMPT).unwrap_or("?"),
-        letter.message().header(HEADER_DEAD_LETTER_REASON).unwrap_or("?"),
+        letter
+            .message()
+            .header(HEADER_DEAD_LETTER_REASON)
+            .unwrap_or("?"),
     );
     letter.ack().await?;
     dead.close().await?;
@@ -176,10 +197,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("\nSummary ({} orders published):", orders().len());
     for (group, handled) in &summary {
         let ids: Vec<String> = handled.iter().map(u32::to_string).collect();
-        println!("  {group:<12} handled {} orders: {}", handled.len(), ids.join(", "));
+        println!(
+            "  {group:<12} handled {} orders: {}",
+            handled.len(),
+            ids.join(", ")
+        );
     }
     let complete = GROUPS.iter().all(|g| {
-        let expected = if *g == "payment" { orders().len() - 1 } else { orders().len() };
+        let expected = if *g == "payment" {
+            orders().len() - 1
+        } else {
+            orders().len()
+        };
         summary[g].len() == expected
     }) && poison.order_id == POISON_ORDER;
     let _ = broker.delete_topic(&topic).await;

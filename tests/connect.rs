@@ -47,7 +47,10 @@ async fn unknown_option_names_the_option() {
     assert!(matches!(err, Error::InvalidConfig(_)), "{err:?}");
     let text = err.to_string();
     assert!(text.contains("max_payload_byte"), "{text}");
-    assert!(text.contains("max_payload_bytes"), "lists the known ones: {text}");
+    assert!(
+        text.contains("max_payload_bytes"),
+        "lists the known ones: {text}"
+    );
 }
 
 #[tokio::test]
@@ -77,7 +80,8 @@ async fn errors_never_show_credentials() {
 
 #[tokio::test]
 async fn config_file_picks_the_backend() {
-    let config = spindle::Config::from_toml("url = \"memory://\"\n[options]\ntick_ms = 5\n").unwrap();
+    let config =
+        spindle::Config::from_toml("url = \"memory://\"\n[options]\ntick_ms = 5\n").unwrap();
     let broker = spindle::connect_with(config).await.unwrap();
     assert_eq!(broker.name(), "memory");
 }
