@@ -115,6 +115,22 @@ pub(crate) struct Topic {
     groups: RwLock<Vec<Arc<Group>>>,
 }
 
+impl Topic {
+    /// The named group, created with `policy` if absent; `true` when it was created here.
+    fn group_or_create(&self, group: &str, policy: &GroupPolicy) -> Result<(Arc<Group>, bool)> {
+        if group.is_empty() {
+            return Err(Error::InvalidArgument("group name is empty".into()));
+        }
+        let mut groups = write(&self.groups);
+        if let Some(g) = groups.iter().find(|g| &*g.name == group) {
+            return Ok((g.clone(), false));
+        }
+        let g = Group::new(self.name.clone(), group.into(), policy.clone());
+        groups.push(g.clone());
+        Ok((g, true))
+    }
+}
+
 pub(crate) struct Inner {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     settings: MemorySettings,
@@ -426,18 +442,10 @@ impl Subscriber for MemoryBroker {
     ) -> Result<Subscription> {
         self.check_open()?;
         options.validate()?;
-        let t = self.inner.topic(topic)?;
-        let g = {
-            let mut groups = write(&t.groups);
-            match groups.iter().find(|g| &*g.name == group) {
-                Some(g) => g.clone(),
-                None => {
-                    let g = Group::new(t.name.clone(), group.into(), options.policy.clone());
-                    groups.push(g.clone());
-                    g
-                }
-            }
-        };
+        let (g, _) = self
+            .inner
+            .topic(topic)?
+            .group_or_create(group, &options.policy)?;
         Ok(self.consume(g, &options, false))
     }
 
@@ -479,14 +487,9 @@ impl Admin for MemoryBroker {
     async fn ensure_group(&self, topic: &str, group: &str, policy: &GroupPolicy) -> Result<()> {
         self.check_open()?;
         policy.validate()?;
-        if group.is_empty() {
-            return Err(Error::InvalidArgument("group name is empty".into()));
-        }
-        let t = self.inner.topic(topic)?;
-        let mut groups = write(&t.groups);
-        match groups.iter().find(|g| &*g.name == group) {
-            Some(g) => g.lock().policy = policy.clone(),
-            None => groups.push(Group::new(t.name.clone(), group.into(), policy.clone())),
+        let (g, created) = self.inner.topic(topic)?.group_or_create(group, policy)?;
+        if !created {
+            g.lock().policy = policy.clone();
         }
         Ok(())
     }
