@@ -17,8 +17,8 @@ RUNS = [
     ("memory", ["-p", "spindle-memory", "--test", "contract"], ""),
     ("rabbitmq", ["-p", "spindle-rabbitmq", "--test", "contract"], ""),
     ("kafka (tansu)", ["-p", "spindle-kafka", "--test", "contract"], ""),
-    ("sqs queue (moto)", ["-p", "spindle-sqs", "--test", "contract"], "queue::"),
-    ("sqs fan-out (moto)", ["-p", "spindle-sqs", "--test", "contract"], "fanout::"),
+    ("sqs queue (moto)", ["-p", "spindle-sqs", "--test", "contract_queue"], ""),
+    ("sqs fan-out (moto)", ["-p", "spindle-sqs", "--test", "contract_fanout"], ""),
 ]
 
 
