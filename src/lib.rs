@@ -24,6 +24,7 @@
 //! | scheme | backend | cargo feature |
 //! |---|---|---|
 //! | `memory://` | in-process (default) | `memory` |
+//! | `amqp://`, `amqps://` | RabbitMQ | `rabbitmq` |
 //!
 //! Each backend declares its [`Capabilities`]; what it cannot do returns
 //! [`Error::Unsupported`], never a silent no-op.
@@ -32,6 +33,8 @@ pub use spindle_core::*;
 
 #[cfg(feature = "memory")]
 pub use spindle_memory as memory;
+#[cfg(feature = "rabbitmq")]
+pub use spindle_rabbitmq as rabbitmq;
 
 use std::sync::Arc;
 
@@ -50,6 +53,8 @@ pub fn enabled_schemes() -> Vec<&'static str> {
     let mut schemes: Vec<&'static str> = Vec::new();
     #[cfg(feature = "memory")]
     schemes.extend_from_slice(spindle_memory::SCHEMES);
+    #[cfg(feature = "rabbitmq")]
+    schemes.extend_from_slice(spindle_rabbitmq::SCHEMES);
     schemes
 }
 
@@ -69,6 +74,8 @@ pub async fn connect_with(config: Config) -> Result<DynBroker> {
         "memory" => Ok(Arc::new(spindle_memory::MemoryBroker::from_config(
             &config,
         )?)),
+        #[cfg(feature = "rabbitmq")]
+        "amqp" | "amqps" => Ok(Arc::new(spindle_rabbitmq::connect(&config).await?)),
         other => match KNOWN_SCHEMES.iter().find(|(s, _)| *s == other) {
             Some((_, feature)) => Err(Error::FeatureDisabled {
                 scheme: other.to_string(),

@@ -85,3 +85,20 @@ async fn config_file_picks_the_backend() {
     let broker = spindle::connect_with(config).await.unwrap();
     assert_eq!(broker.name(), "memory");
 }
+
+#[cfg(not(feature = "kafka"))]
+#[tokio::test]
+async fn a_scheme_whose_feature_is_off_names_the_feature() {
+    let err = connect_err("kafka://127.0.0.1:9092").await;
+    assert!(
+        matches!(
+            &err,
+            Error::FeatureDisabled {
+                feature: "kafka",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("`kafka` feature"), "{err}");
+}
