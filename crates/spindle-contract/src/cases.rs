@@ -952,7 +952,7 @@ pub async fn ordering_per_key(h: &Harness) {
                         assert_eq!(seq, prev + 1, "{key}: got {seq} after {prev}");
                     }
                     tokio::time::sleep(Duration::from_millis(1)).await;
-                    if rand::random::<u32>() % 10 == 0 {
+                    if rand::random_ratio(1, 10) {
                         d.nack().await.unwrap();
                         continue;
                     }
@@ -1389,7 +1389,7 @@ pub async fn stress_random_nacks(h: &Harness) {
                         item = sub.next_delivery() => match item { Some(Ok(d)) => d, _ => return },
                     };
                     let id = d.message().id().to_string();
-                    if rand::random::<u32>() % 10 == 0 {
+                    if rand::random_ratio(1, 10) {
                         tally.lock().unwrap().nacks += 1;
                         d.nack().await.unwrap();
                         continue;
