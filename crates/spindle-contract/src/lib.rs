@@ -5,7 +5,7 @@
 //! backend lacks asserts that the operation returns [`Error::Unsupported`]; none passes by
 //! skipping.
 //!
-//! ```ignore
+//! ```text
 //! // tests/contract.rs of an adapter crate (needs tokio as a dev-dependency):
 //! spindle_contract::contract_tests!(spindle_contract::Harness::new(|| async {
 //!     my_adapter::connect("mybroker://127.0.0.1").await

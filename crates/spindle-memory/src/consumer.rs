@@ -16,9 +16,7 @@ use spindle_core::{async_trait, Acknowledger, Delivery, Error, Result, Subscript
 use tokio::sync::Notify;
 
 use crate::group::{Entry, Group};
-
-/// Scheduler turns a consumer yields before parking when its group is empty.
-const SPIN_TURNS: usize = 16;
+use crate::CoarseClock;
 
 struct InFlight {
     entry: Entry,
@@ -34,38 +32,35 @@ struct ConsumerState {
     in_flight: HashMap<u64, InFlight>,
 }
 
+/// What a consumer takes from its broker and subscription options.
+pub(crate) struct ConsumerConfig {
+    pub broker_shut_down: Arc<AtomicBool>,
+    pub max_delay: Duration,
+    /// The sweeper's clock: deadlines need no more precision than its tick.
+    pub clock: Arc<CoarseClock>,
+    pub tick: Duration,
+    pub prefetch: usize,
+    pub ack_timeout: Duration,
+    pub is_dead_letter_queue: bool,
+}
+
 pub(crate) struct ConsumerShared {
     pub group: Arc<Group>,
-    broker_shut_down: Arc<AtomicBool>,
-    max_delay: Duration,
-    prefetch: usize,
-    ack_timeout: Duration,
+    config: ConsumerConfig,
     state: Mutex<ConsumerState>,
     closed: AtomicBool,
     /// Wakes the stream: prefetch room freed, subscription closed, group or broker gone.
     pub wake: Notify,
-    is_dead_letter_queue: bool,
 }
 
 impl ConsumerShared {
-    pub fn new(
-        group: Arc<Group>,
-        broker_shut_down: Arc<AtomicBool>,
-        max_delay: Duration,
-        prefetch: usize,
-        ack_timeout: Duration,
-        is_dead_letter_queue: bool,
-    ) -> Arc<Self> {
+    pub fn new(group: Arc<Group>, config: ConsumerConfig) -> Arc<Self> {
         let c = Arc::new(ConsumerShared {
             group,
-            broker_shut_down,
-            max_delay,
-            prefetch,
-            ack_timeout,
+            config,
             state: Mutex::new(ConsumerState::default()),
             closed: AtomicBool::new(false),
             wake: Notify::new(),
-            is_dead_letter_queue,
         });
         c.group.register(&c);
         c
@@ -78,7 +73,7 @@ impl ConsumerShared {
     fn finished(&self) -> bool {
         self.closed.load(Ordering::Acquire)
             || self.group.is_closed()
-            || self.broker_shut_down.load(Ordering::Acquire)
+            || self.config.broker_shut_down.load(Ordering::Acquire)
     }
 
     pub fn in_flight_count(&self) -> usize {
@@ -91,7 +86,7 @@ impl ConsumerShared {
         let held = st.in_flight.len();
         let f = st.in_flight.remove(&token)?;
         drop(st);
-        if held >= self.prefetch {
+        if held >= self.config.prefetch {
             self.wake.notify_one();
         }
         Some(f.entry)
@@ -150,7 +145,7 @@ impl ConsumerShared {
     fn pop_buffered(self: &Arc<Self>) -> std::result::Result<Delivery, usize> {
         let mut st = self.lock();
         let Some(token) = st.buffer.pop_front() else {
-            return Err(self.prefetch.saturating_sub(st.in_flight.len()));
+            return Err(self.config.prefetch.saturating_sub(st.in_flight.len()));
         };
         let f = st
             .in_flight
@@ -185,33 +180,27 @@ impl ConsumerShared {
             tokio::pin!(wake, ready);
             wake.as_mut().enable();
             if room == 0 {
-                if self.lock().in_flight.len() >= self.prefetch {
+                if self.lock().in_flight.len() >= self.config.prefetch {
                     wake.await;
                 }
                 continue;
             }
             ready.as_mut().enable();
             scratch.clear();
-            let mut taken = self.group.take(room, scratch);
-            // Parking a thread and waking it again costs microseconds; a publisher that is
-            // still busy usually delivers the next message sooner, so look a few more times.
-            for _ in 0..SPIN_TURNS {
-                if taken > 0 || self.finished() {
-                    break;
-                }
-                tokio::task::yield_now().await;
-                if self.group.maybe_takeable() {
-                    taken = self.group.take(room, scratch);
-                }
-            }
+            let taken = self.group.take(room, scratch);
             if taken == 0 {
-                tokio::select! {
-                    _ = wake => {}
-                    _ = ready => {}
+                let _idle = self.group.idle_guard();
+                // The last look, after registering as idle (see `Group::idle_guard`).
+                if self.group.take(room, scratch) == 0 {
+                    tokio::select! {
+                        _ = wake => {}
+                        _ = ready => {}
+                    }
+                    continue;
                 }
-                continue;
             }
-            let deadline = Instant::now() + self.ack_timeout;
+            // The coarse clock may be a tick behind: add one so no deadline comes early.
+            let deadline = self.config.clock.now() + self.config.ack_timeout + self.config.tick;
             let mut st = self.lock();
             for entry in scratch.drain(..) {
                 let token = st.next_token;
@@ -306,12 +295,12 @@ impl Acknowledger for ConsumerShared {
     }
 
     async fn nack(&self, token: u64, delay: Option<Duration>) -> Result<()> {
-        if let Some(delay) = delay.filter(|d| *d > self.max_delay) {
+        if let Some(delay) = delay.filter(|d| *d > self.config.max_delay) {
             // The delivery goes back now rather than being lost with the error.
             self.release(token);
             return Err(Error::DelayTooLong {
                 requested: delay,
-                max: self.max_delay,
+                max: self.config.max_delay,
             });
         }
         let entry = self.remove(token).ok_or_else(|| self.stale())?;
@@ -320,7 +309,7 @@ impl Acknowledger for ConsumerShared {
     }
 
     async fn dead_letter(&self, token: u64, reason: &str) -> Result<()> {
-        if self.is_dead_letter_queue {
+        if self.config.is_dead_letter_queue {
             self.release(token);
             return Err(Error::unsupported(
                 "memory",

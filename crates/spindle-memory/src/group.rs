@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use crossbeam_queue::SegQueue;
 use rustc_hash::FxHashMap as HashMap;
 use spindle_core::{
     GroupDepth, GroupPolicy, Message, HEADER_ATTEMPT, HEADER_DEAD_LETTER_REASON,
@@ -73,6 +74,11 @@ pub(crate) struct GroupState {
     consumers: Vec<Weak<ConsumerShared>>,
 }
 
+/// Keeps a value on its own cache lines: idle consumers poll the takeable hint, and must not
+/// slow down the publisher that holds the lock next to it.
+#[repr(align(128))]
+pub(crate) struct Padded<T>(T);
+
 /// A group of a topic, or the dead-letter queue of one.
 pub(crate) struct Group {
     pub topic: Arc<str>,
@@ -82,10 +88,16 @@ pub(crate) struct Group {
     pub ready_notify: Notify,
     /// How many slots were takeable when the lock was last released: lets an idle consumer
     /// look without taking the lock a publisher needs.
-    takeable_hint: AtomicUsize,
+    takeable_hint: Padded<AtomicUsize>,
     /// Ready plus delayed messages when the lock was last released: the capacity check reads
     /// it without locking.
     queued_hint: AtomicUsize,
+    /// New unkeyed messages. Publishers push here without the lock, so they never wait for a
+    /// consumer; consumers take from here after the locked queue (which holds redeliveries,
+    /// keyed and delayed messages, and so comes first).
+    inbox: SegQueue<Entry>,
+    /// Consumers about to wait for messages: publishers wake one only when this is non-zero.
+    idle: Padded<AtomicUsize>,
     closed: AtomicBool,
     /// `None` for a dead-letter queue itself.
     pub dead_letters: Option<Arc<Group>>,
@@ -121,8 +133,10 @@ impl Group {
                 consumers: Vec::new(),
             }),
             ready_notify: Notify::new(),
-            takeable_hint: AtomicUsize::new(0),
+            takeable_hint: Padded(AtomicUsize::new(0)),
             queued_hint: AtomicUsize::new(0),
+            inbox: SegQueue::new(),
+            idle: Padded(AtomicUsize::new(0)),
             closed: AtomicBool::new(false),
             dead_letters,
         })
@@ -132,19 +146,34 @@ impl Group {
         StateGuard {
             // A panic while holding the lock leaves plain data behind; keep serving it.
             guard: self.state.lock().unwrap_or_else(|e| e.into_inner()),
-            hint: &self.takeable_hint,
+            hint: &self.takeable_hint.0,
             queued: &self.queued_hint,
         }
     }
 
     /// Messages waiting (ready or delayed), as of the last release of the lock.
     pub fn queued(&self) -> usize {
-        self.queued_hint.load(Ordering::Acquire)
+        self.queued_hint.load(Ordering::Acquire) + self.inbox.len()
     }
 
     /// Whether anything may be takeable, without locking (a hint: `take` decides).
     pub fn maybe_takeable(&self) -> bool {
-        self.takeable_hint.load(Ordering::Acquire) > 0
+        self.takeable_hint.0.load(Ordering::Acquire) > 0 || !self.inbox.is_empty()
+    }
+
+    /// Marks a consumer as about to wait; the guard unmarks it. Register before the last look
+    /// for messages, so a publisher either sees the mark or the consumer sees the message.
+    pub fn idle_guard(&self) -> IdleGuard<'_> {
+        self.idle.0.fetch_add(1, Ordering::SeqCst);
+        IdleGuard(&self.idle.0)
+    }
+
+    /// Wakes one waiting consumer, if any is waiting.
+    fn wake_idle(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.idle.0.load(Ordering::SeqCst) > 0 {
+            self.ready_notify.notify_one();
+        }
     }
 
     pub fn is_closed(&self) -> bool {
@@ -179,42 +208,50 @@ impl Group {
 
     /// Adds messages published now (or after `delay`).
     pub fn publish(&self, msgs: impl IntoIterator<Item = Arc<Message>>, delay: Option<Duration>) {
-        let mut st = self.lock();
-        // Consumers were woken when the queue last became takeable; one that leaves messages
-        // behind passes the wake-up on (see `take`), so only this transition needs a wake-up.
-        let was_takeable = st.has_takeable();
+        let mut locked: Option<StateGuard<'_>> = None;
         let due = delay.map(|d| Instant::now() + d);
         for msg in msgs {
             let entry = Entry { msg, attempts: 0 };
             match due {
-                Some(due) => st.push_delayed(due, entry, false),
-                None => st.push_back(entry),
+                Some(due) => locked
+                    .get_or_insert_with(|| self.lock())
+                    .push_delayed(due, entry, false),
+                None if entry.msg.key().is_some() => {
+                    locked.get_or_insert_with(|| self.lock()).push_back(entry)
+                }
+                None => self.inbox.push(entry),
             }
         }
-        let wake = !was_takeable && st.has_takeable();
-        drop(st);
-        if wake {
-            self.ready_notify.notify_one();
-        }
+        drop(locked);
+        self.wake_idle();
     }
 
-    /// Takes up to `max` takeable messages, counting one more attempt for each.
+    /// Takes up to `max` takeable messages, counting one more attempt for each: first from
+    /// the locked queue (redeliveries and keyed messages), then new ones from the inbox.
     pub fn take(&self, max: usize, out: &mut Vec<Entry>) -> usize {
-        let mut st = self.lock();
         let mut taken = 0;
+        if self.takeable_hint.0.load(Ordering::Acquire) > 0 {
+            let mut st = self.lock();
+            while taken < max {
+                let Some(mut entry) = st.pop_ready() else {
+                    break;
+                };
+                entry.attempts += 1;
+                out.push(entry);
+                taken += 1;
+            }
+        }
         while taken < max {
-            let Some(mut entry) = st.pop_ready() else {
+            let Some(mut entry) = self.inbox.pop() else {
                 break;
             };
             entry.attempts += 1;
             out.push(entry);
             taken += 1;
         }
-        let more = st.has_takeable();
-        drop(st);
-        if more {
+        if taken == max && self.maybe_takeable() {
             // Pass the wake-up on to the next waiting consumer.
-            self.ready_notify.notify_one();
+            self.wake_idle();
         }
         taken
     }
@@ -324,7 +361,11 @@ impl Group {
         let (ready, delayed, consumers) = {
             let st = self.lock();
             let consumers: Vec<_> = st.consumers.iter().filter_map(Weak::upgrade).collect();
-            (st.ready_count, st.delayed.len(), consumers)
+            (
+                st.ready_count + self.inbox.len(),
+                st.delayed.len(),
+                consumers,
+            )
         };
         let in_flight: usize = consumers.iter().map(|c| c.in_flight_count()).sum();
         let dead = self
@@ -338,7 +379,10 @@ impl Group {
     /// Drops ready and delayed messages; in-flight ones stay ackable.
     pub fn purge(&self) -> u64 {
         let mut st = self.lock();
-        let n = st.ready_count + st.delayed.len();
+        let mut n = st.ready_count + st.delayed.len();
+        while self.inbox.pop().is_some() {
+            n += 1;
+        }
         let delayed = std::mem::take(&mut st.delayed);
         for Reverse(d) in delayed {
             if d.holds_key {
@@ -372,6 +416,9 @@ impl Group {
                 dst.finish_key(&entry);
                 moved.push(entry.msg);
             }
+            while let Some(entry) = dlq.inbox.pop() {
+                moved.push(entry.msg);
+            }
         }
         let n = moved.len() as u64;
         let restored = moved.into_iter().map(|m| {
@@ -384,6 +431,15 @@ impl Group {
         });
         self.publish(restored, None);
         n
+    }
+}
+
+/// Unmarks a waiting consumer, also when its future is dropped mid-wait.
+pub(crate) struct IdleGuard<'a>(&'a AtomicUsize);
+
+impl Drop for IdleGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -416,12 +472,6 @@ impl Drop for StateGuard<'_> {
 }
 
 impl GroupState {
-    /// Whether a consumer could take a message now. Messages of busy keys are ready but not
-    /// takeable, so waking consumers for them would only make them spin.
-    fn has_takeable(&self) -> bool {
-        !self.ready.is_empty()
-    }
-
     fn key_arc(&self, key: &str) -> Arc<str> {
         match self.keyed.get_key_value(key) {
             Some((k, _)) => k.clone(),

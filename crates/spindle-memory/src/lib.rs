@@ -36,7 +36,7 @@ use spindle_core::{
     PublishOptions, Publisher, Result, SubscribeOptions, Subscriber, Subscription,
 };
 
-use consumer::{ConsumerShared, Control};
+use consumer::{ConsumerConfig, ConsumerShared, Control};
 use group::Group;
 use rustc_hash::FxHashMap as HashMap;
 
@@ -131,6 +131,31 @@ impl Topic {
     }
 }
 
+/// A clock the sweeper advances every tick, read on the hot path instead of the system clock.
+pub(crate) struct CoarseClock {
+    start: Instant,
+    elapsed_nanos: std::sync::atomic::AtomicU64,
+}
+
+impl CoarseClock {
+    fn new() -> Self {
+        CoarseClock {
+            start: Instant::now(),
+            elapsed_nanos: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn advance(&self, now: Instant) {
+        let nanos = now.saturating_duration_since(self.start).as_nanos() as u64;
+        self.elapsed_nanos.fetch_max(nanos, Ordering::Release);
+    }
+
+    /// Never later than the real time, and at most one tick earlier.
+    pub(crate) fn now(&self) -> Instant {
+        self.start + Duration::from_nanos(self.elapsed_nanos.load(Ordering::Acquire))
+    }
+}
+
 pub(crate) struct Inner {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     settings: MemorySettings,
@@ -138,6 +163,7 @@ pub(crate) struct Inner {
     shut_down: Arc<AtomicBool>,
     sweeper_stop: Arc<(Mutex<bool>, Condvar)>,
     sweeper: Mutex<Option<JoinHandle<()>>>,
+    clock: Arc<CoarseClock>,
 }
 
 impl Inner {
@@ -236,6 +262,7 @@ impl MemoryBroker {
             shut_down: Arc::new(AtomicBool::new(false)),
             sweeper_stop: stop.clone(),
             sweeper: Mutex::new(None),
+            clock: Arc::new(CoarseClock::new()),
         });
         let weak = Arc::downgrade(&inner);
         let tick = inner.settings.tick;
@@ -323,11 +350,15 @@ impl MemoryBroker {
     fn consume(&self, group: Arc<Group>, options: &SubscribeOptions, dlq: bool) -> Subscription {
         let consumer = ConsumerShared::new(
             group,
-            self.inner.shut_down.clone(),
-            self.inner.settings.max_delay,
-            options.prefetch,
-            options.ack_timeout,
-            dlq,
+            ConsumerConfig {
+                broker_shut_down: self.inner.shut_down.clone(),
+                max_delay: self.inner.settings.max_delay,
+                clock: self.inner.clock.clone(),
+                tick: self.inner.settings.tick,
+                prefetch: options.prefetch,
+                ack_timeout: options.ack_timeout,
+                is_dead_letter_queue: dlq,
+            },
         );
         Subscription::new(consumer.clone().into_stream(), Control(consumer))
     }
@@ -349,6 +380,7 @@ fn sweep(inner: Weak<Inner>, stop: Arc<(Mutex<bool>, Condvar)>, tick: Duration) 
         }
         let Some(inner) = inner.upgrade() else { return };
         let now = Instant::now();
+        inner.clock.advance(now);
         for group in inner.all_groups() {
             group.tick(now);
         }
