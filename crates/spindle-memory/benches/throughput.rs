@@ -153,6 +153,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if std::env::var("BENCH_CASE").as_deref() == Ok("phases") {
+        // For profiling: only Spindle's publish, then receive + ack.
+        let (p, c) = rt.block_on(spindle_phases(n));
+        println!("publish {:.0} msg/s, receive+ack {:.0} msg/s", rate(n, p), rate(n, c));
+        return;
+    }
     if std::env::var("BENCH_CASE").as_deref() == Ok("e2e") {
         // For profiling: only Spindle end to end.
         let d = rt.block_on(spindle_end_to_end(n, 1));
