@@ -211,7 +211,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         summary[g].len() == expected
     }) && poison.order_id == POISON_ORDER;
-    let _ = broker.delete_topic(&topic).await;
     broker.shutdown().await?;
     if !complete {
         return Err("the story did not complete as expected".into());

@@ -25,16 +25,22 @@
 //! |---|---|---|
 //! | `memory://` | in-process (default) | `memory` |
 //! | `amqp://`, `amqps://` | RabbitMQ | `rabbitmq` |
+//! | `kafka://` | Kafka protocol | `kafka` |
+//! | `sqs://` | AWS SQS, SNS fan-out | `sqs` |
 //!
 //! Each backend declares its [`Capabilities`]; what it cannot do returns
 //! [`Error::Unsupported`], never a silent no-op.
 
 pub use spindle_core::*;
 
+#[cfg(feature = "kafka")]
+pub use spindle_kafka as kafka;
 #[cfg(feature = "memory")]
 pub use spindle_memory as memory;
 #[cfg(feature = "rabbitmq")]
 pub use spindle_rabbitmq as rabbitmq;
+#[cfg(feature = "sqs")]
+pub use spindle_sqs as sqs;
 
 use std::sync::Arc;
 
@@ -55,6 +61,10 @@ pub fn enabled_schemes() -> Vec<&'static str> {
     schemes.extend_from_slice(spindle_memory::SCHEMES);
     #[cfg(feature = "rabbitmq")]
     schemes.extend_from_slice(spindle_rabbitmq::SCHEMES);
+    #[cfg(feature = "kafka")]
+    schemes.extend_from_slice(spindle_kafka::SCHEMES);
+    #[cfg(feature = "sqs")]
+    schemes.extend_from_slice(spindle_sqs::SCHEMES);
     schemes
 }
 
@@ -76,6 +86,10 @@ pub async fn connect_with(config: Config) -> Result<DynBroker> {
         )?)),
         #[cfg(feature = "rabbitmq")]
         "amqp" | "amqps" => Ok(Arc::new(spindle_rabbitmq::connect(&config).await?)),
+        #[cfg(feature = "kafka")]
+        "kafka" => Ok(Arc::new(spindle_kafka::connect(&config).await?)),
+        #[cfg(feature = "sqs")]
+        "sqs" => Ok(Arc::new(spindle_sqs::connect(&config).await?)),
         other => match KNOWN_SCHEMES.iter().find(|(s, _)| *s == other) {
             Some((_, feature)) => Err(Error::FeatureDisabled {
                 scheme: other.to_string(),

@@ -1349,12 +1349,12 @@ pub async fn restart_loses_nothing(h: &Harness) {
     broker.shutdown().await.unwrap();
 }
 
-/// 10,000 messages, three consumers, 10% random nacks: every message is consumed; the
-/// duplicates are counted and reported.
+/// 10,000 messages (or the harness's `stress_messages`), three consumers, 10% random nacks:
+/// every message is consumed; the duplicates are counted and reported.
 pub async fn stress_random_nacks(h: &Harness) {
     let (broker, topic) = topic_with_groups(h, &[]).await;
     let group = h.name("g");
-    let total = 10_000;
+    let total = h.stress_messages();
     let o = opts().with_prefetch(100).with_max_attempts(1000);
     let mut subs = Vec::new();
     for _ in 0..3 {
@@ -1374,6 +1374,7 @@ pub async fn stress_random_nacks(h: &Harness) {
         acked: HashSet<String>,
         deliveries: usize,
         nacks: usize,
+        stale: usize,
         duplicates: usize,
     }
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -1391,10 +1392,22 @@ pub async fn stress_random_nacks(h: &Harness) {
                     let id = d.message().id().to_string();
                     if rand::random_ratio(1, 10) {
                         tally.lock().unwrap().nacks += 1;
-                        d.nack().await.unwrap();
+                        match d.nack().await {
+                            Ok(()) => {}
+                            Err(Error::StaleDelivery(_)) => tally.lock().unwrap().stale += 1,
+                            Err(e) => panic!("nack: {e}"),
+                        }
                         continue;
                     }
-                    d.ack().await.unwrap();
+                    match d.ack().await {
+                        Ok(()) => {}
+                        // Held past its ack deadline: it comes again and is counted then.
+                        Err(Error::StaleDelivery(_)) => {
+                            tally.lock().unwrap().stale += 1;
+                            continue;
+                        }
+                        Err(e) => panic!("ack: {e}"),
+                    }
                     let mut t = tally.lock().unwrap();
                     t.deliveries += 1;
                     if !t.acked.insert(id) {
@@ -1420,8 +1433,8 @@ pub async fn stress_random_nacks(h: &Harness) {
     {
         let t = tally.lock().unwrap();
         println!(
-            "stress: {total} messages, {} acked deliveries, {} nacks, {} duplicates",
-            t.deliveries, t.nacks, t.duplicates
+            "stress: {total} messages, {} acked deliveries, {} nacks, {} stale decisions, {} duplicates",
+            t.deliveries, t.nacks, t.stale, t.duplicates
         );
         assert_eq!(
             t.acked.len(),

@@ -48,6 +48,7 @@ pub struct Harness {
     case: &'static str,
     run_id: String,
     requires: Option<(String, String)>,
+    stress_messages: usize,
 }
 
 impl Harness {
@@ -63,8 +64,25 @@ impl Harness {
             timing: Timing::default(),
             case: "case",
             requires: None,
+            stress_messages: Self::DEFAULT_STRESS_MESSAGES,
             run_id: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
         }
+    }
+
+    /// Messages the stress case sends, unless changed with
+    /// [`with_stress_messages`](Harness::with_stress_messages).
+    pub const DEFAULT_STRESS_MESSAGES: usize = 10_000;
+
+    /// Sends `n` messages in the stress case instead of 10,000: for an emulator whose cost
+    /// grows with queue length. Say so where the results are reported.
+    pub fn with_stress_messages(mut self, n: usize) -> Self {
+        self.stress_messages = n;
+        self
+    }
+
+    /// Messages the stress case sends.
+    pub fn stress_messages(&self) -> usize {
+        self.stress_messages
     }
 
     /// Uses these delays.

@@ -156,7 +156,11 @@ fn main() {
     if std::env::var("BENCH_CASE").as_deref() == Ok("phases") {
         // For profiling: only Spindle's publish, then receive + ack.
         let (p, c) = rt.block_on(spindle_phases(n));
-        println!("publish {:.0} msg/s, receive+ack {:.0} msg/s", rate(n, p), rate(n, c));
+        println!(
+            "publish {:.0} msg/s, receive+ack {:.0} msg/s",
+            rate(n, p),
+            rate(n, c)
+        );
         return;
     }
     if std::env::var("BENCH_CASE").as_deref() == Ok("e2e") {
