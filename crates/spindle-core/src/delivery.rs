@@ -16,6 +16,13 @@ use crate::{Message, Result};
 pub trait Acknowledger: Send + Sync + 'static {
     /// The message was handled: never deliver it again.
     async fn ack(&self, token: u64) -> Result<()>;
+    /// An ack settled on the spot, for backends that never wait to settle one (the in-memory
+    /// backend): `Some` skips the boxed future of [`ack`](Acknowledger::ack). The default,
+    /// `None`, means "call `ack`".
+    fn ack_now(&self, token: u64) -> Option<Result<()>> {
+        let _ = token;
+        None
+    }
     /// The message was not handled: deliver it again, now or after `delay`.
     async fn nack(&self, token: u64, delay: Option<Duration>) -> Result<()>;
     /// The message cannot be handled: move it to the group's dead-letter queue with `reason`.
@@ -99,7 +106,10 @@ impl Delivery {
     /// Marks the message handled. On error the message will be delivered again.
     pub async fn ack(mut self) -> Result<()> {
         let (acker, token) = self.take();
-        acker.ack(token).await
+        match acker.ack_now(token) {
+            Some(result) => result,
+            None => acker.ack(token).await,
+        }
     }
 
     /// Asks for the message again right away.

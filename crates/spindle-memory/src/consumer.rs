@@ -11,7 +11,6 @@ use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, Stream};
-use rustc_hash::FxHashMap as HashMap;
 use spindle_core::{async_trait, Acknowledger, Delivery, Error, Result, SubscriptionControl};
 use tokio::sync::Notify;
 
@@ -21,15 +20,69 @@ use crate::CoarseClock;
 struct InFlight {
     entry: Entry,
     deadline: Instant,
+    generation: u32,
+}
+
+/// Deliveries held, in a slab: a token is the slot and a generation, so a stale token never
+/// finds the slot's next occupant.
+#[derive(Default)]
+struct InFlightSlab {
+    slots: slab::Slab<InFlight>,
+    next_generation: u32,
+}
+
+impl InFlightSlab {
+    fn split(token: u64) -> (usize, u32) {
+        ((token & 0xFFFF_FFFF) as usize, (token >> 32) as u32)
+    }
+
+    fn insert(&mut self, entry: Entry, deadline: Instant) -> u64 {
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let slot = self.slots.insert(InFlight {
+            entry,
+            deadline,
+            generation,
+        });
+        (u64::from(generation) << 32) | slot as u64
+    }
+
+    fn get(&self, token: u64) -> Option<&InFlight> {
+        let (slot, generation) = Self::split(token);
+        self.slots.get(slot).filter(|f| f.generation == generation)
+    }
+
+    fn get_mut(&mut self, token: u64) -> Option<&mut InFlight> {
+        let (slot, generation) = Self::split(token);
+        self.slots
+            .get_mut(slot)
+            .filter(|f| f.generation == generation)
+    }
+
+    fn remove(&mut self, token: u64) -> Option<InFlight> {
+        self.get(token)?;
+        Some(self.slots.remove(Self::split(token).0))
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn tokens_due(&self, now: Instant) -> Vec<u64> {
+        self.slots
+            .iter()
+            .filter(|(_, f)| f.deadline <= now)
+            .map(|(slot, f)| (u64::from(f.generation) << 32) | slot as u64)
+            .collect()
+    }
 }
 
 #[derive(Default)]
 struct ConsumerState {
-    next_token: u64,
     /// Fetched, not yet yielded (these are in `in_flight` too).
     buffer: VecDeque<u64>,
     /// Every delivery this consumer holds: the prefetch bound applies to its size.
-    in_flight: HashMap<u64, InFlight>,
+    in_flight: InFlightSlab,
 }
 
 /// What a consumer takes from its broker and subscription options.
@@ -84,7 +137,7 @@ impl ConsumerShared {
     fn remove(&self, token: u64) -> Option<Entry> {
         let mut st = self.lock();
         let held = st.in_flight.len();
-        let f = st.in_flight.remove(&token)?;
+        let f = st.in_flight.remove(token)?;
         drop(st);
         if held >= self.config.prefetch {
             self.wake.notify_one();
@@ -101,7 +154,7 @@ impl ConsumerShared {
             let tokens: Vec<u64> = st.buffer.drain(..).collect();
             tokens
                 .iter()
-                .filter_map(|t| st.in_flight.remove(t).map(|f| f.entry))
+                .filter_map(|t| st.in_flight.remove(*t).map(|f| f.entry))
                 .collect()
         };
         self.group.requeue_unyielded(returned);
@@ -112,19 +165,14 @@ impl ConsumerShared {
     pub fn expire(&self, now: Instant) {
         let expired: Vec<Entry> = {
             let mut st = self.lock();
-            if !st.in_flight.values().any(|f| f.deadline <= now) {
+            let tokens = st.in_flight.tokens_due(now);
+            if tokens.is_empty() {
                 return;
             }
-            let tokens: Vec<u64> = st
-                .in_flight
-                .iter()
-                .filter(|(_, f)| f.deadline <= now)
-                .map(|(t, _)| *t)
-                .collect();
             st.buffer.retain(|t| !tokens.contains(t));
             tokens
                 .iter()
-                .filter_map(|t| st.in_flight.remove(t).map(|f| f.entry))
+                .filter_map(|t| st.in_flight.remove(*t).map(|f| f.entry))
                 .collect()
         };
         for entry in expired {
@@ -149,7 +197,7 @@ impl ConsumerShared {
         };
         let f = st
             .in_flight
-            .get(&token)
+            .get(token)
             .expect("buffered tokens are in flight");
         let (msg, attempt) = (f.entry.msg.clone(), f.entry.attempts);
         drop(st);
@@ -203,10 +251,8 @@ impl ConsumerShared {
             let deadline = self.config.clock.now() + self.config.ack_timeout + self.config.tick;
             let mut st = self.lock();
             for entry in scratch.drain(..) {
-                let token = st.next_token;
-                st.next_token += 1;
+                let token = st.in_flight.insert(entry, deadline);
                 st.buffer.push_back(token);
-                st.in_flight.insert(token, InFlight { entry, deadline });
             }
         }
     }
@@ -279,7 +325,7 @@ impl Drop for ConsumerShared {
     fn drop(&mut self) {
         // Deliveries keep their consumer alive, so whatever is left here was never yielded.
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        let left: Vec<Entry> = st.in_flight.drain().map(|(_, f)| f.entry).collect();
+        let left: Vec<Entry> = st.in_flight.slots.drain().map(|f| f.entry).collect();
         for entry in left {
             self.group.requeue(entry, None, "consumer dropped");
         }
@@ -289,9 +335,17 @@ impl Drop for ConsumerShared {
 #[async_trait]
 impl Acknowledger for ConsumerShared {
     async fn ack(&self, token: u64) -> Result<()> {
-        let entry = self.remove(token).ok_or_else(|| self.stale())?;
-        self.group.finish(&entry);
-        Ok(())
+        self.ack_now(token).expect("memory acks settle at once")
+    }
+
+    fn ack_now(&self, token: u64) -> Option<Result<()>> {
+        Some(match self.remove(token) {
+            Some(entry) => {
+                self.group.finish(&entry);
+                Ok(())
+            }
+            None => Err(self.stale()),
+        })
     }
 
     async fn nack(&self, token: u64, delay: Option<Duration>) -> Result<()> {
@@ -322,7 +376,7 @@ impl Acknowledger for ConsumerShared {
     }
 
     async fn extend(&self, token: u64, by: Duration) -> Result<()> {
-        match self.lock().in_flight.get_mut(&token) {
+        match self.lock().in_flight.get_mut(token) {
             Some(f) => {
                 f.deadline = Instant::now() + by;
                 Ok(())
