@@ -148,50 +148,52 @@ fn sqs_send_flush(client: aws_sdk_sqs::Client) -> FlushFn<Encoded> {
                     let err = map_sdk("SendMessageBatch", &format!("queue {url}"), e);
                     (0..n).map(|_| Err(replicate(&err))).collect()
                 }
-                Ok(out) => {
-                    let mut results: Vec<Option<Result<()>>> = (0..n).map(|_| None).collect();
-                    for s in out.successful() {
-                        if let Some(slot) = s
-                            .id()
-                            .parse::<usize>()
-                            .ok()
-                            .and_then(|i| results.get_mut(i))
-                        {
-                            *slot = Some(Ok(()));
-                        }
-                    }
-                    for f in out.failed() {
-                        if let Some(slot) = f
-                            .id()
-                            .parse::<usize>()
-                            .ok()
-                            .and_then(|i| results.get_mut(i))
-                        {
-                            *slot = Some(Err(entry_error(
-                                "SendMessageBatch",
-                                f.code(),
-                                f.message(),
-                                f.sender_fault(),
-                            )));
-                        }
-                    }
-                    results
-                        .into_iter()
-                        .map(|r| {
-                            r.unwrap_or_else(|| {
-                                Err(Error::backend(
-                                    BACKEND,
-                                    "SendMessageBatch: no result for entry",
-                                    true,
-                                    None,
-                                ))
-                            })
-                        })
-                        .collect()
-                }
+                Ok(out) => batch_results(
+                    "SendMessageBatch",
+                    n,
+                    out.successful().iter().map(|e| Some(e.id())),
+                    out.failed()
+                        .iter()
+                        .map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
+                ),
             }
         })
     })
+}
+
+/// One result per entry of a send batch whose entry ids are their indexes: `Ok` for the
+/// successful ones, the entry's own error for the failed ones, and a transient error for any
+/// the answer does not mention.
+fn batch_results<'a>(
+    operation: &'static str,
+    n: usize,
+    successful: impl IntoIterator<Item = Option<&'a str>>,
+    failed: impl IntoIterator<Item = (&'a str, &'a str, Option<&'a str>, bool)>,
+) -> Vec<Result<()>> {
+    let mut results: Vec<Option<Result<()>>> = (0..n).map(|_| None).collect();
+    for id in successful.into_iter().flatten() {
+        if let Some(r) = id.parse::<usize>().ok().and_then(|i| results.get_mut(i)) {
+            *r = Some(Ok(()));
+        }
+    }
+    for (id, code, message, sender_fault) in failed {
+        if let Some(r) = id.parse::<usize>().ok().and_then(|i| results.get_mut(i)) {
+            *r = Some(Err(entry_error(operation, code, message, sender_fault)));
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(Error::backend(
+                    BACKEND,
+                    format!("{operation}: no result for entry"),
+                    true,
+                    None,
+                ))
+            })
+        })
+        .collect()
 }
 
 fn sns_publish_flush(client: aws_sdk_sns::Client) -> FlushFn<Encoded> {
@@ -237,46 +239,14 @@ fn sns_publish_flush(client: aws_sdk_sns::Client) -> FlushFn<Encoded> {
                     let err = map_sdk("PublishBatch", &format!("topic {arn}"), e);
                     (0..n).map(|_| Err(replicate(&err))).collect()
                 }
-                Ok(out) => {
-                    let mut results: Vec<Option<Result<()>>> = (0..n).map(|_| None).collect();
-                    for s in out.successful() {
-                        if let Some(slot) = s
-                            .id()
-                            .and_then(|id| id.parse::<usize>().ok())
-                            .and_then(|i| results.get_mut(i))
-                        {
-                            *slot = Some(Ok(()));
-                        }
-                    }
-                    for f in out.failed() {
-                        if let Some(slot) = f
-                            .id()
-                            .parse::<usize>()
-                            .ok()
-                            .and_then(|i| results.get_mut(i))
-                        {
-                            *slot = Some(Err(entry_error(
-                                "PublishBatch",
-                                f.code(),
-                                f.message(),
-                                f.sender_fault(),
-                            )));
-                        }
-                    }
-                    results
-                        .into_iter()
-                        .map(|r| {
-                            r.unwrap_or_else(|| {
-                                Err(Error::backend(
-                                    BACKEND,
-                                    "PublishBatch: no result for entry",
-                                    true,
-                                    None,
-                                ))
-                            })
-                        })
-                        .collect()
-                }
+                Ok(out) => batch_results(
+                    "PublishBatch",
+                    n,
+                    out.successful().iter().map(|e| e.id()),
+                    out.failed()
+                        .iter()
+                        .map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
+                ),
             }
         })
     })
