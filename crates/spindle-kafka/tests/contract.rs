@@ -16,13 +16,19 @@ fn url() -> String {
 
 async fn restart_tansu() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/start-tansu.sh");
-    let status = tokio::process::Command::new("bash")
+    // Captured, so the script's progress lines don't interleave with the test harness's.
+    let out = tokio::process::Command::new("bash")
         .arg(script)
         .arg("restart")
-        .status()
+        .output()
         .await
         .expect("run scripts/start-tansu.sh restart");
-    assert!(status.success(), "scripts/start-tansu.sh restart failed");
+    assert!(
+        out.status.success(),
+        "scripts/start-tansu.sh restart failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn harness() -> Harness {
