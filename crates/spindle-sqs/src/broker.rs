@@ -161,7 +161,7 @@ fn sqs_send_flush(client: aws_sdk_sqs::Client) -> FlushFn<Encoded> {
     })
 }
 
-/// One result per entry of a send batch whose entry ids are their indexes: `Ok` for the
+/// One result per entry of a batch whose entry ids are their indexes: `Ok` for the
 /// successful ones, the entry's own error for the failed ones, and a transient error for any
 /// the answer does not mention.
 fn batch_results<'a>(
@@ -279,25 +279,14 @@ fn delete_flush(client: aws_sdk_sqs::Client) -> FlushFn<String> {
                     let err = map_sdk("DeleteMessageBatch", &format!("queue {url}"), e);
                     (0..n).map(|_| Err(replicate(&err))).collect()
                 }
-                Ok(out) => {
-                    let mut results: Vec<Result<()>> = (0..n).map(|_| Ok(())).collect();
-                    for f in out.failed() {
-                        if let Some(slot) = f
-                            .id()
-                            .parse::<usize>()
-                            .ok()
-                            .and_then(|i| results.get_mut(i))
-                        {
-                            *slot = Err(entry_error(
-                                "DeleteMessageBatch",
-                                f.code(),
-                                f.message(),
-                                f.sender_fault(),
-                            ));
-                        }
-                    }
-                    results
-                }
+                Ok(out) => batch_results(
+                    "DeleteMessageBatch",
+                    n,
+                    out.successful().iter().map(|e| Some(e.id())),
+                    out.failed()
+                        .iter()
+                        .map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
+                ),
             }
         })
     })
@@ -331,25 +320,14 @@ fn visibility_flush(client: aws_sdk_sqs::Client) -> FlushFn<(String, i32)> {
                     let err = map_sdk("ChangeMessageVisibilityBatch", &format!("queue {url}"), e);
                     (0..n).map(|_| Err(replicate(&err))).collect()
                 }
-                Ok(out) => {
-                    let mut results: Vec<Result<()>> = (0..n).map(|_| Ok(())).collect();
-                    for f in out.failed() {
-                        if let Some(slot) = f
-                            .id()
-                            .parse::<usize>()
-                            .ok()
-                            .and_then(|i| results.get_mut(i))
-                        {
-                            *slot = Err(entry_error(
-                                "ChangeMessageVisibilityBatch",
-                                f.code(),
-                                f.message(),
-                                f.sender_fault(),
-                            ));
-                        }
-                    }
-                    results
-                }
+                Ok(out) => batch_results(
+                    "ChangeMessageVisibilityBatch",
+                    n,
+                    out.successful().iter().map(|e| Some(e.id())),
+                    out.failed()
+                        .iter()
+                        .map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
+                ),
             }
         })
     })
