@@ -668,6 +668,34 @@ impl Publisher for KafkaBroker {
     }
 }
 
+impl KafkaBroker {
+    /// What both kinds of subscription check first: open broker, valid options and group name,
+    /// an existing topic, and the group's retry and dead-letter topics.
+    async fn prepare_group(
+        &self,
+        topic: &str,
+        group: &str,
+        options: &SubscribeOptions,
+    ) -> Result<()> {
+        self.core.check_open()?;
+        options.validate()?;
+        validate_name("group", group)?;
+        self.core.partitions_of(topic).await?;
+        self.core.ensure_group_topics(topic, group).await
+    }
+
+    /// Starts a group member and registers it for shutdown (closing it at once if shutdown
+    /// raced with the start).
+    async fn start_member(&self, args: SubscribeArgs) -> Result<Subscription> {
+        let (sub, shared) = consumer::subscribe(&self.core, args).await?;
+        self.core.subs.lock().unwrap().push(Arc::downgrade(&shared));
+        if self.core.shutdown.load(Ordering::SeqCst) {
+            shared.shutdown();
+        }
+        Ok(sub)
+    }
+}
+
 #[async_trait]
 impl Subscriber for KafkaBroker {
     async fn subscribe(
@@ -676,11 +704,7 @@ impl Subscriber for KafkaBroker {
         group: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription> {
-        self.core.check_open()?;
-        options.validate()?;
-        validate_name("group", group)?;
-        self.core.partitions_of(topic).await?;
-        self.core.ensure_group_topics(topic, group).await?;
+        self.prepare_group(topic, group, &options).await?;
         let args = SubscribeArgs {
             kind: Kind::Main {
                 max_attempts: options.policy.max_attempts,
@@ -691,12 +715,7 @@ impl Subscriber for KafkaBroker {
             topics: vec![topic.to_string(), self.core.retry_topic(topic, group)],
             prefetch: options.prefetch,
         };
-        let (sub, shared) = consumer::subscribe(&self.core, args).await?;
-        self.core.subs.lock().unwrap().push(Arc::downgrade(&shared));
-        if self.core.shutdown.load(Ordering::SeqCst) {
-            shared.shutdown();
-        }
-        Ok(sub)
+        self.start_member(args).await
     }
 
     async fn subscribe_dead_letters(
@@ -705,11 +724,7 @@ impl Subscriber for KafkaBroker {
         group: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription> {
-        self.core.check_open()?;
-        options.validate()?;
-        validate_name("group", group)?;
-        self.core.partitions_of(topic).await?;
-        self.core.ensure_group_topics(topic, group).await?;
+        self.prepare_group(topic, group, &options).await?;
         let args = SubscribeArgs {
             kind: Kind::DeadLetters,
             topic: topic.to_string(),
@@ -718,9 +733,7 @@ impl Subscriber for KafkaBroker {
             topics: vec![self.core.dlq_topic(topic, group)],
             prefetch: options.prefetch,
         };
-        let (sub, shared) = consumer::subscribe(&self.core, args).await?;
-        self.core.subs.lock().unwrap().push(Arc::downgrade(&shared));
-        Ok(sub)
+        self.start_member(args).await
     }
 }
 
