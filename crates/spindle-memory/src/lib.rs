@@ -37,7 +37,7 @@ use spindle_core::{
 };
 
 use consumer::{ConsumerConfig, ConsumerShared, Control};
-use group::Group;
+use group::{Group, Published};
 use rustc_hash::FxHashMap as HashMap;
 
 /// The URL schemes this backend answers to.
@@ -328,7 +328,7 @@ impl MemoryBroker {
             });
         }
         let limit = self.inner.settings.max_depth;
-        if let Some(full) = groups.iter().find(|g| g.queued() + adding > limit) {
+        if let Some(full) = groups.iter().find(|g| g.would_exceed(adding, limit)) {
             return Err(Error::Full {
                 what: format!("group `{}` of topic `{topic}`", full.name),
                 limit,
@@ -339,10 +339,13 @@ impl MemoryBroker {
 
     fn publish_now(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
         self.check_publish(&message, options)?;
-        let msg = Arc::new(message);
-        self.with_groups(topic, 1, |groups| {
-            for g in groups {
-                g.publish([msg.clone()], options.delay);
+        self.with_groups(topic, 1, move |groups| match groups {
+            [g] => g.publish([Published::Owned(message)], options.delay),
+            _ => {
+                let msg = Arc::new(message);
+                for g in groups {
+                    g.publish([Published::Shared(msg.clone())], options.delay);
+                }
             }
         })
     }
@@ -415,15 +418,19 @@ impl Publisher for MemoryBroker {
         for m in messages {
             match self.check_publish(&m, &options) {
                 Ok(()) => {
-                    accepted.push(Arc::new(m));
+                    accepted.push(m);
                     results.push(Ok(()));
                 }
                 Err(e) => results.push(Err(e)),
             }
         }
-        let routed = self.with_groups(topic, accepted.len(), |groups| {
-            for g in groups {
-                g.publish(accepted.iter().cloned(), None);
+        let routed = self.with_groups(topic, accepted.len(), move |groups| match groups {
+            [g] => g.publish(accepted.into_iter().map(Published::Owned), None),
+            _ => {
+                let shared: Vec<Arc<Message>> = accepted.into_iter().map(Arc::new).collect();
+                for g in groups {
+                    g.publish(shared.iter().cloned().map(Published::Shared), None);
+                }
             }
         });
         if let Err(e) = routed {
