@@ -9,11 +9,15 @@ use crate::{Message, Result};
 
 /// The backend side of a [`Delivery`]: what `ack`, `nack`, `dead_letter` and `extend` do.
 ///
-/// One acknowledger usually serves a whole subscription; `token` names the delivery within it,
-/// so no allocation is needed per message. Adapter authors implement this; applications never
-/// call it directly.
+/// One acknowledger serves a whole subscription (one topic and group); `token` names the
+/// delivery within it, so nothing is allocated or reference-counted per message beyond the
+/// acknowledger itself. Adapter authors implement this; applications never call it directly.
 #[async_trait]
 pub trait Acknowledger: Send + Sync + 'static {
+    /// The topic the deliveries it settles were published to.
+    fn topic(&self) -> &str;
+    /// The group they were delivered to.
+    fn group(&self) -> &str;
     /// The message was handled: never deliver it again.
     async fn ack(&self, token: u64) -> Result<()>;
     /// An ack settled on the spot, for backends that never wait to settle one (the in-memory
@@ -41,30 +45,33 @@ pub trait Acknowledger: Send + Sync + 'static {
 pub struct Delivery {
     message: Arc<Message>,
     attempt: u32,
-    topic: Arc<str>,
-    group: Arc<str>,
     handle: Option<(Arc<dyn Acknowledger>, u64)>,
 }
 
 impl Delivery {
     /// Builds a delivery; for adapter authors.
     ///
-    /// `attempt` starts at 1 for the first delivery and rises by one for each redelivery.
+    /// `attempt` starts at 1 for the first delivery and rises by one for each redelivery; the
+    /// topic and group are the acknowledger's.
     pub fn new(
         message: Arc<Message>,
         attempt: u32,
-        topic: Arc<str>,
-        group: Arc<str>,
         acknowledger: Arc<dyn Acknowledger>,
         token: u64,
     ) -> Self {
         Delivery {
             message,
             attempt,
-            topic,
-            group,
             handle: Some((acknowledger, token)),
         }
+    }
+
+    fn acknowledger(&self) -> &dyn Acknowledger {
+        &*self
+            .handle
+            .as_ref()
+            .expect("handle is present until the delivery is consumed")
+            .0
     }
 
     /// The message.
@@ -84,12 +91,12 @@ impl Delivery {
 
     /// The topic it was published to.
     pub fn topic(&self) -> &str {
-        &self.topic
+        self.acknowledger().topic()
     }
 
     /// The group it was delivered to.
     pub fn group(&self) -> &str {
-        &self.group
+        self.acknowledger().group()
     }
 
     /// Decodes the payload as JSON.
@@ -154,8 +161,8 @@ impl std::fmt::Debug for Delivery {
         f.debug_struct("Delivery")
             .field("message", &self.message)
             .field("attempt", &self.attempt)
-            .field("topic", &self.topic)
-            .field("group", &self.group)
+            .field("topic", &self.handle.as_ref().map_or("", |(a, _)| a.topic()))
+            .field("group", &self.handle.as_ref().map_or("", |(a, _)| a.group()))
             .finish()
     }
 }

@@ -323,6 +323,14 @@ impl Acker {
 
 #[async_trait]
 impl Acknowledger for Acker {
+    fn topic(&self) -> &str {
+        &self.shared.topic
+    }
+
+    fn group(&self) -> &str {
+        &self.shared.group
+    }
+
     async fn ack(&self, token: u64) -> Result<()> {
         let rec = self.take(token)?;
         let mut st = self.shared.lock();
@@ -557,14 +565,7 @@ fn run(consumer: BaseConsumer<SubContext>, shared: Arc<SubShared>, acker: Arc<dy
                 let Some(rec) = rec else { break };
                 st.next_token += 1;
                 let token = st.next_token;
-                let delivery = Delivery::new(
-                    rec.message.clone(),
-                    rec.attempt,
-                    shared.topic.clone(),
-                    shared.group.clone(),
-                    acker.clone(),
-                    token,
-                );
+                let delivery = Delivery::new(rec.message.clone(), rec.attempt, acker.clone(), token);
                 st.tokens.insert(token, rec);
                 if let Some(tx) = &st.sender {
                     if let Err(e) = tx.send(Ok(delivery)) {

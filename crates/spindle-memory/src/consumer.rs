@@ -202,14 +202,7 @@ impl ConsumerShared {
         let (msg, attempt) = (f.entry.msg.clone(), f.entry.attempts);
         drop(st);
         let acker: Arc<dyn Acknowledger> = self.clone();
-        Ok(Delivery::new(
-            msg,
-            attempt,
-            self.group.topic.clone(),
-            self.group.name.clone(),
-            acker,
-            token,
-        ))
+        Ok(Delivery::new(msg, attempt, acker, token))
     }
 
     /// The next delivery, waiting for room and for messages; `None` once closed.
@@ -334,6 +327,14 @@ impl Drop for ConsumerShared {
 
 #[async_trait]
 impl Acknowledger for ConsumerShared {
+    fn topic(&self) -> &str {
+        &self.group.topic
+    }
+
+    fn group(&self) -> &str {
+        &self.group.name
+    }
+
     async fn ack(&self, token: u64) -> Result<()> {
         self.ack_now(token).expect("memory acks settle at once")
     }

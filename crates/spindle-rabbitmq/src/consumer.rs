@@ -140,12 +140,9 @@ struct Incoming {
 impl Incoming {
     fn into_delivery(mut self) -> Delivery {
         self.armed = false;
-        let t = &self.shared.target;
         Delivery::new(
             self.message.clone(),
             self.attempt,
-            t.topic.clone(),
-            t.group.clone(),
             self.shared.clone() as Arc<dyn Acknowledger>,
             self.token,
         )
@@ -422,6 +419,14 @@ impl ConsumerShared {
 
 #[async_trait]
 impl Acknowledger for ConsumerShared {
+    fn topic(&self) -> &str {
+        &self.target.topic
+    }
+
+    fn group(&self) -> &str {
+        &self.target.group
+    }
+
     async fn ack(&self, token: u64) -> Result<()> {
         let p = self.take(token).ok_or_else(|| {
             Error::StaleDelivery("no longer held (its channel was replaced)".into())

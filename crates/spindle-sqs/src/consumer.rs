@@ -49,6 +49,7 @@ struct Acker {
     /// waiting for a receive that SQS's redrive policy needs before it moves the message.
     max_attempts: Option<u32>,
     topic: Arc<str>,
+    group: Arc<str>,
     fifo: bool,
     held: Mutex<HashMap<u64, Held>>,
 }
@@ -95,6 +96,14 @@ impl Acker {
 
 #[async_trait]
 impl Acknowledger for Acker {
+    fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    fn group(&self) -> &str {
+        &self.group
+    }
+
     async fn ack(&self, token: u64) -> Result<()> {
         let held = self.take(token)?;
         self.inner
@@ -236,6 +245,7 @@ pub(crate) fn start(
         max_attempts: dlq.as_ref().map(|(_, max)| *max),
         dlq_url: dlq.map(|(url, _)| url),
         topic: topic.into(),
+        group: group.into(),
         fifo,
         held: Mutex::new(HashMap::new()),
     });
@@ -403,14 +413,7 @@ impl ReceiveLoop {
                         _permit: permit,
                     },
                 );
-                let delivery = Delivery::new(
-                    message,
-                    count,
-                    self.topic.clone(),
-                    self.group.clone(),
-                    self.acker.clone(),
-                    token,
-                );
+                let delivery = Delivery::new(message, count, self.acker.clone(), token);
                 // If the stream is gone the delivery drops here and is released.
                 let _ = tx.send(Ok(delivery));
             }
