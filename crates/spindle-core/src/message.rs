@@ -1,5 +1,6 @@
 //! Messages: payload, headers, key, id and content type.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -37,14 +38,36 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// assert_eq!(msg.header("trace"), Some("abc"));
 /// assert!(!msg.id().is_empty());
 /// ```
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Message {
     id: MessageId,
     payload: Bytes,
+    /// Headers, key and content type, boxed only when one is set: a plain message stays small
+    /// (it is moved through queues and copied between cores).
+    extras: Option<Box<Extras>>,
+}
+
+#[derive(Clone, Default, PartialEq, Eq)]
+struct Extras {
     headers: Headers,
     key: Option<String>,
-    content_type: Option<String>,
+    content_type: Option<Cow<'static, str>>,
 }
+
+/// Headers of a message that has none.
+static NO_HEADERS: Headers = Headers::new();
+
+impl PartialEq for Message {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.payload == other.payload
+            && self.headers() == other.headers()
+            && self.key() == other.key()
+            && self.content_type() == other.content_type()
+    }
+}
+
+impl Eq for Message {}
 
 impl Message {
     /// A message with this payload and a fresh, time-ordered id (UUIDv7).
@@ -52,16 +75,17 @@ impl Message {
         Message {
             id: MessageId::generate(),
             payload: payload.into(),
-            headers: Headers::new(),
-            key: None,
-            content_type: None,
+            extras: None,
         }
     }
 
     /// A message whose payload is `value` encoded as JSON, with content type `application/json`.
     pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
         let payload = serde_json::to_vec(value).map_err(|e| Error::Codec(Box::new(e)))?;
-        Ok(Message::new(payload).with_content_type(CONTENT_TYPE_JSON))
+        let mut msg = Message::new(payload);
+        // Borrowed: the common content type costs no allocation.
+        msg.extras_mut().content_type = Some(Cow::Borrowed(CONTENT_TYPE_JSON));
+        Ok(msg)
     }
 
     /// Decodes the payload as JSON.
@@ -77,26 +101,26 @@ impl Message {
 
     /// Adds or replaces one header.
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.insert(name.into(), value.into());
+        self.headers_mut().insert(name.into(), value.into());
         self
     }
 
     /// Replaces all headers.
     pub fn with_headers(mut self, headers: Headers) -> Self {
-        self.headers = headers;
+        *self.headers_mut() = headers;
         self
     }
 
     /// Sets the ordering key: messages with the same key are delivered in order where the
     /// backend orders (see [`Capabilities::ordering_per_key`](crate::Capabilities)).
     pub fn with_key(mut self, key: impl Into<String>) -> Self {
-        self.key = Some(key.into());
+        self.extras_mut().key = Some(key.into());
         self
     }
 
     /// Sets the content type, e.g. `application/json`.
     pub fn with_content_type(mut self, content_type: impl Into<String>) -> Self {
-        self.content_type = Some(content_type.into());
+        self.extras_mut().content_type = Some(Cow::Owned(content_type.into()));
         self
     }
 
@@ -112,34 +136,38 @@ impl Message {
 
     /// All headers.
     pub fn headers(&self) -> &Headers {
-        &self.headers
+        self.extras.as_ref().map_or(&NO_HEADERS, |e| &e.headers)
     }
 
     /// Mutable access to the headers (adapters strip or add reserved headers with it).
     pub fn headers_mut(&mut self) -> &mut Headers {
-        &mut self.headers
+        &mut self.extras_mut().headers
+    }
+
+    fn extras_mut(&mut self) -> &mut Extras {
+        self.extras.get_or_insert_with(Box::default)
     }
 
     /// One header's value.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
+        self.headers().get(name).map(String::as_str)
     }
 
     /// The ordering key, if any.
     pub fn key(&self) -> Option<&str> {
-        self.key.as_deref()
+        self.extras.as_ref()?.key.as_deref()
     }
 
     /// The content type, if any.
     pub fn content_type(&self) -> Option<&str> {
-        self.content_type.as_deref()
+        self.extras.as_ref()?.content_type.as_deref()
     }
 
     /// Size as most backends count it: payload plus header names and values.
     pub fn encoded_len(&self) -> usize {
         self.payload.len()
             + self
-                .headers
+                .headers()
                 .iter()
                 .map(|(k, v)| k.len() + v.len())
                 .sum::<usize>()
@@ -152,9 +180,9 @@ impl std::fmt::Debug for Message {
         f.debug_struct("Message")
             .field("id", &self.id.as_str())
             .field("payload_len", &self.payload.len())
-            .field("headers", &self.headers)
-            .field("key", &self.key)
-            .field("content_type", &self.content_type)
+            .field("headers", self.headers())
+            .field("key", &self.key())
+            .field("content_type", &self.content_type())
             .finish()
     }
 }
@@ -173,10 +201,7 @@ thread_local! {
 /// added for the messages within it, so ids stay unique and ordered per thread without the
 /// shared context and random draw `Uuid::now_v7` pays on every call (a third of a publish).
 fn fast_v7() -> uuid::Uuid {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let millis = now.as_secs() * 1000 + u64::from(now.subsec_millis());
+    let millis = unix_millis();
     V7_STATE.with(|state| {
         let (last, mut base, mut counter) = state.get();
         if millis != last {
@@ -192,6 +217,34 @@ fn fast_v7() -> uuid::Uuid {
         tail.copy_from_slice(&bits[6..]);
         uuid::Builder::from_unix_timestamp_millis(millis, &tail).into_uuid()
     })
+}
+
+/// Milliseconds since the Unix epoch. On Linux from the coarse real-time clock: a few
+/// nanoseconds rather than a fifth of a publish, at the kernel tick's precision (1 to 4 ms),
+/// which a UUIDv7 may use (RFC 9562, 6.2) and the per-thread counter keeps ordered.
+#[cfg(target_os = "linux")]
+fn unix_millis() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the call only writes it.
+    if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
+        return ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000;
+    }
+    precise_unix_millis()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unix_millis() -> u64 {
+    precise_unix_millis()
+}
+
+fn precise_unix_millis() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.as_secs() * 1000 + u64::from(now.subsec_millis())
 }
 
 /// A message id. Generated ids live inline, so creating a message allocates nothing for its id

@@ -14,7 +14,7 @@ use futures::stream::{BoxStream, Stream};
 use spindle_core::{async_trait, Acknowledger, Delivery, Error, Result, SubscriptionControl};
 use tokio::sync::Notify;
 
-use crate::group::{Entry, Group};
+use crate::group::{Entry, Group, Published};
 use crate::CoarseClock;
 
 struct InFlight {
@@ -79,10 +79,16 @@ impl InFlightSlab {
 
 #[derive(Default)]
 struct ConsumerState {
-    /// Fetched, not yet yielded (these are in `in_flight` too).
-    buffer: VecDeque<u64>,
-    /// Every delivery this consumer holds: the prefetch bound applies to its size.
+    /// Fetched from the group, not yet handed out, with their ack deadlines.
+    buffer: VecDeque<(Entry, Instant)>,
+    /// Handed out and not yet decided. The prefetch bound applies to both together.
     in_flight: InFlightSlab,
+}
+
+impl ConsumerState {
+    fn held(&self) -> usize {
+        self.buffer.len() + self.in_flight.len()
+    }
 }
 
 /// What a consumer takes from its broker and subscription options.
@@ -130,13 +136,13 @@ impl ConsumerShared {
     }
 
     pub fn in_flight_count(&self) -> usize {
-        self.lock().in_flight.len()
+        self.lock().held()
     }
 
     /// Removes a held delivery; wakes the stream if that frees the room it waits for.
     fn remove(&self, token: u64) -> Option<Entry> {
         let mut st = self.lock();
-        let held = st.in_flight.len();
+        let held = st.held();
         let f = st.in_flight.remove(token)?;
         drop(st);
         if held >= self.config.prefetch {
@@ -149,14 +155,7 @@ impl ConsumerShared {
     /// each call returns whatever arrived since.
     fn close_now(&self) {
         self.closed.store(true, Ordering::Release);
-        let returned: Vec<Entry> = {
-            let mut st = self.lock();
-            let tokens: Vec<u64> = st.buffer.drain(..).collect();
-            tokens
-                .iter()
-                .filter_map(|t| st.in_flight.remove(*t).map(|f| f.entry))
-                .collect()
-        };
+        let returned: Vec<Entry> = self.lock().buffer.drain(..).map(|(e, _)| e).collect();
         self.group.requeue_unyielded(returned);
         self.wake.notify_one();
     }
@@ -166,14 +165,22 @@ impl ConsumerShared {
         let expired: Vec<Entry> = {
             let mut st = self.lock();
             let tokens = st.in_flight.tokens_due(now);
-            if tokens.is_empty() {
+            let buffered_due = st.buffer.iter().any(|(_, deadline)| *deadline <= now);
+            if tokens.is_empty() && !buffered_due {
                 return;
             }
-            st.buffer.retain(|t| !tokens.contains(t));
-            tokens
+            let mut expired: Vec<Entry> = tokens
                 .iter()
                 .filter_map(|t| st.in_flight.remove(*t).map(|f| f.entry))
-                .collect()
+                .collect();
+            if buffered_due {
+                let (due, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut st.buffer)
+                    .into_iter()
+                    .partition(|(_, deadline)| *deadline <= now);
+                st.buffer = kept;
+                expired.extend(due.into_iter().map(|(e, _)| e));
+            }
+            expired
         };
         for entry in expired {
             self.group.requeue(entry, None, "ack deadline passed");
@@ -192,14 +199,17 @@ impl ConsumerShared {
     /// A fetched delivery, or else the prefetch room left.
     fn pop_buffered(self: &Arc<Self>) -> std::result::Result<Delivery, usize> {
         let mut st = self.lock();
-        let Some(token) = st.buffer.pop_front() else {
-            return Err(self.config.prefetch.saturating_sub(st.in_flight.len()));
+        let Some((entry, deadline)) = st.buffer.pop_front() else {
+            return Err(self.config.prefetch.saturating_sub(st.held()));
         };
-        let f = st
-            .in_flight
-            .get(token)
-            .expect("buffered tokens are in flight");
-        let (msg, attempt) = (f.entry.msg.clone(), f.entry.attempts);
+        let attempt = entry.attempts;
+        // Made here, one per hand-out, so allocations and frees alternate on this thread.
+        let msg = entry.msg.into_shared();
+        let held = Entry {
+            msg: Published::Shared(msg.clone()),
+            attempts: attempt,
+        };
+        let token = st.in_flight.insert(held, deadline);
         drop(st);
         let acker: Arc<dyn Acknowledger> = self.clone();
         Ok(Delivery::new(msg, attempt, acker, token))
@@ -221,7 +231,7 @@ impl ConsumerShared {
             tokio::pin!(wake, ready);
             wake.as_mut().enable();
             if room == 0 {
-                if self.lock().in_flight.len() >= self.config.prefetch {
+                if self.lock().held() >= self.config.prefetch {
                     wake.await;
                 }
                 continue;
@@ -243,10 +253,8 @@ impl ConsumerShared {
             // The coarse clock may be a tick behind: add one so no deadline comes early.
             let deadline = self.config.clock.now() + self.config.ack_timeout + self.config.tick;
             let mut st = self.lock();
-            for entry in scratch.drain(..) {
-                let token = st.in_flight.insert(entry, deadline);
-                st.buffer.push_back(token);
-            }
+            st.buffer
+                .extend(scratch.drain(..).map(|entry| (entry, deadline)));
         }
     }
 
@@ -318,7 +326,9 @@ impl Drop for ConsumerShared {
     fn drop(&mut self) {
         // Deliveries keep their consumer alive, so whatever is left here was never yielded.
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let unyielded: Vec<Entry> = st.buffer.drain(..).map(|(e, _)| e).collect();
         let left: Vec<Entry> = st.in_flight.slots.drain().map(|f| f.entry).collect();
+        self.group.requeue_unyielded(unyielded);
         for entry in left {
             self.group.requeue(entry, None, "consumer dropped");
         }

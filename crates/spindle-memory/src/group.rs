@@ -19,24 +19,24 @@ use tokio::sync::Notify;
 use crate::consumer::ConsumerShared;
 
 /// A stored message and how many times it has been delivered.
-#[derive(Clone)]
 pub(crate) struct Entry {
-    pub msg: Arc<Message>,
+    pub msg: Published,
     pub attempts: u32,
 }
 
-/// A message as published, before its first delivery. Going to one group it stays owned, and
-/// the consumer that takes it makes the shared copy deliveries point to: that allocation is
-/// then made and freed on the consumer's thread. (glibc frees a chunk of another thread's
-/// arena under that arena's lock, which the publishing thread needs for its next allocation;
-/// one such free per message halved end-to-end throughput.) Fanned out, it is shared.
+/// A stored message. Going to one group it stays owned until a consumer hands it out: the
+/// shared copy a delivery points to is made then, on the consumer's thread, one at a time, so
+/// its allocation and free stay on that thread and in its allocator cache. (glibc frees a
+/// chunk of another thread's arena under that arena's lock, which the publishing thread needs
+/// for its next allocation: one such free per message halved end-to-end throughput.) Fanned
+/// out to several groups, it is shared from the start.
 pub(crate) enum Published {
     Owned(Message),
     Shared(Arc<Message>),
 }
 
 impl Published {
-    fn key(&self) -> Option<&str> {
+    pub fn key(&self) -> Option<&str> {
         match self {
             Published::Owned(m) => m.key(),
             Published::Shared(m) => m.key(),
@@ -44,14 +44,21 @@ impl Published {
     }
 
     fn into_entry(self) -> Entry {
-        let msg = match self {
-            Published::Owned(m) => Arc::new(m),
-            Published::Shared(m) => m,
-        };
-        Entry { msg, attempts: 0 }
+        Entry {
+            msg: self,
+            attempts: 0,
+        }
     }
 
-    fn into_message(self) -> Message {
+    /// The shared form deliveries point to.
+    pub fn into_shared(self) -> Arc<Message> {
+        match self {
+            Published::Owned(m) => Arc::new(m),
+            Published::Shared(m) => m,
+        }
+    }
+
+    pub fn into_message(self) -> Message {
         match self {
             Published::Owned(m) => m,
             Published::Shared(m) => Arc::unwrap_or_clone(m),
@@ -416,7 +423,7 @@ impl Group {
             // explicit dead-letter there, so nothing reaches this.
             return;
         };
-        let mut msg = Message::clone(&entry.msg);
+        let mut msg = entry.msg.into_message();
         let headers = msg.headers_mut();
         headers.insert(HEADER_DEAD_LETTER_REASON.into(), reason.into());
         headers.insert(HEADER_ATTEMPT.into(), entry.attempts.to_string());
@@ -506,7 +513,7 @@ impl Group {
             let mut dst = dlq.lock();
             while let Some(entry) = dst.pop_ready() {
                 dst.finish_key(&entry);
-                moved.push(Arc::unwrap_or_clone(entry.msg));
+                moved.push(entry.msg.into_message());
             }
             dlq.inbox
                 .pop_into(usize::MAX, |msg| moved.push(msg.into_message()));
