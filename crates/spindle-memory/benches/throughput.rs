@@ -2,7 +2,16 @@
 //! measured in the same run with 256-byte payloads, printing the ratios. In every end-to-end
 //! case the producer and the consumer are two tasks on a two-worker runtime.
 //!
-//! `cargo bench -p spindle-memory --bench throughput` (set `BENCH_MESSAGES` to change the count).
+//! Two payload modes, because they stress different things:
+//! - shared: every message carries a clone of one `Bytes` (no copy; Spindle's API takes
+//!   `Bytes`), so the payload's reference count is shared by both threads;
+//! - copied: every message gets a fresh copy of the 256 bytes, as omniqueue's `send_raw(&[u8])`
+//!   always makes, so each payload is allocated on the producer's thread and freed on the
+//!   consumer's, and the allocator's cross-thread frees enter the measurement.
+//!
+//! `cargo bench -p spindle-memory --bench throughput`. `BENCH_MESSAGES` (default 1,000,000)
+//! and `BENCH_ROUNDS` (default 5; rounds are interleaved, best kept) change the run;
+//! `BENCH_CASE=<name>` runs one case once, for profiling (names in `CASES`).
 
 use std::time::{Duration, Instant};
 
@@ -13,21 +22,46 @@ use spindle_core::{Admin, Broker, Message, Publisher, SubscribeOptions, Subscrib
 use spindle_memory::MemoryBroker;
 
 const PAYLOAD: usize = 256;
-const ROUNDS: usize = 3;
 
-fn payload() -> Bytes {
-    Bytes::from(vec![0xAB; PAYLOAD])
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Shared,
+    Copied,
+}
+
+fn make_payload(template: &Bytes, mode: Mode) -> Bytes {
+    match mode {
+        Mode::Shared => template.clone(),
+        Mode::Copied => Bytes::copy_from_slice(template),
+    }
+}
+
+/// The cases, in print order: (name, what it measures).
+const CASES: &[(&str, &str)] = &[
+    ("publish", "spindle: publish only (shared)"),
+    ("receive", "spindle: receive + ack only"),
+    ("spindle", "spindle: end to end, shared payload"),
+    ("spindle-batch", "spindle: end to end, publish_batch(100), shared"),
+    ("spindle-copy", "spindle: end to end, copied payload"),
+    ("mpsc", "tokio mpsc (bounded 256): shared payload"),
+    ("mpsc-copy", "tokio mpsc (bounded 256): copied payload"),
+    ("omniqueue", "omniqueue in-memory: copied payload (its API)"),
+];
+
+async fn subscribed_broker() -> (MemoryBroker, spindle_core::Subscription) {
+    let broker = MemoryBroker::new();
+    broker.ensure_topic("bench").await.unwrap();
+    let sub = broker
+        .subscribe("bench", "g", SubscribeOptions::default().with_prefetch(256))
+        .await
+        .unwrap();
+    (broker, sub)
 }
 
 /// Spindle: publish N (one call each), then receive and ack N.
 async fn spindle_phases(n: usize) -> (Duration, Duration) {
-    let broker = MemoryBroker::new();
-    broker.ensure_topic("bench").await.unwrap();
-    let mut sub = broker
-        .subscribe("bench", "g", SubscribeOptions::default().with_prefetch(256))
-        .await
-        .unwrap();
-    let p = payload();
+    let (broker, mut sub) = subscribed_broker().await;
+    let p = Bytes::from(vec![0xAB; PAYLOAD]);
     let start = Instant::now();
     for _ in 0..n {
         broker
@@ -46,31 +80,26 @@ async fn spindle_phases(n: usize) -> (Duration, Duration) {
     (publish, consume)
 }
 
-/// Spindle end to end: a producer task and a consumer task at once.
-async fn spindle_end_to_end(n: usize, batch: usize) -> Duration {
-    let broker = MemoryBroker::new();
-    broker.ensure_topic("bench").await.unwrap();
-    let mut sub = broker
-        .subscribe("bench", "g", SubscribeOptions::default().with_prefetch(256))
-        .await
-        .unwrap();
-    let p = payload();
+/// Spindle end to end: a producer task and a consumer task at once. `batch` > 1 publishes
+/// with `publish_batch`.
+async fn spindle_end_to_end(n: usize, batch: usize, mode: Mode) -> Duration {
+    let (broker, mut sub) = subscribed_broker().await;
+    let template = Bytes::from(vec![0xAB; PAYLOAD]);
     let start = Instant::now();
     let producer = {
         let broker = broker.clone();
         tokio::spawn(async move {
-            if batch <= 1 {
-                for _ in 0..n {
-                    broker
-                        .publish("bench", Message::new(p.clone()))
-                        .await
-                        .unwrap();
-                }
-            } else {
-                let mut left = n;
-                while left > 0 {
+            let mut left = n;
+            while left > 0 {
+                if batch <= 1 {
+                    let msg = Message::new(make_payload(&template, mode));
+                    broker.publish("bench", msg).await.unwrap();
+                    left -= 1;
+                } else {
                     let k = left.min(batch);
-                    let msgs = (0..k).map(|_| Message::new(p.clone())).collect();
+                    let msgs = (0..k)
+                        .map(|_| Message::new(make_payload(&template, mode)))
+                        .collect();
                     for r in broker.publish_batch("bench", msgs).await {
                         r.unwrap();
                     }
@@ -92,13 +121,13 @@ async fn spindle_end_to_end(n: usize, batch: usize) -> Duration {
     took
 }
 
-async fn mpsc_end_to_end(n: usize) -> Duration {
+async fn mpsc_end_to_end(n: usize, mode: Mode) -> Duration {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(256);
-    let p = payload();
+    let template = Bytes::from(vec![0xAB; PAYLOAD]);
     let start = Instant::now();
     let producer = tokio::spawn(async move {
         for _ in 0..n {
-            tx.send(p.clone()).await.unwrap();
+            tx.send(make_payload(&template, mode)).await.unwrap();
         }
     });
     let consumer = tokio::spawn(async move {
@@ -113,7 +142,7 @@ async fn mpsc_end_to_end(n: usize) -> Duration {
 
 async fn omniqueue_end_to_end(n: usize) -> Duration {
     let (producer, mut consumer) = InMemoryBackend::builder().build_pair().await.unwrap();
-    let p = payload().to_vec();
+    let p = vec![0xAB; PAYLOAD];
     let start = Instant::now();
     let task = tokio::spawn(async move {
         for _ in 0..n {
@@ -131,79 +160,72 @@ async fn omniqueue_end_to_end(n: usize) -> Duration {
     start.elapsed()
 }
 
+/// Runs one case once; returns its duration.
+fn run_case(rt: &tokio::runtime::Runtime, case: &str, n: usize) -> Duration {
+    match case {
+        "publish" => rt.block_on(spindle_phases(n)).0,
+        "receive" => rt.block_on(spindle_phases(n)).1,
+        "spindle" => rt.block_on(spindle_end_to_end(n, 1, Mode::Shared)),
+        "spindle-batch" => rt.block_on(spindle_end_to_end(n, 100, Mode::Shared)),
+        "spindle-copy" => rt.block_on(spindle_end_to_end(n, 1, Mode::Copied)),
+        "mpsc" => rt.block_on(mpsc_end_to_end(n, Mode::Shared)),
+        "mpsc-copy" => rt.block_on(mpsc_end_to_end(n, Mode::Copied)),
+        "omniqueue" => rt.block_on(omniqueue_end_to_end(n)),
+        other => panic!(
+            "unknown BENCH_CASE `{other}`; cases: {:?}",
+            CASES.iter().map(|c| c.0).collect::<Vec<_>>()
+        ),
+    }
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
 
-fn best<F, Fut>(rt: &tokio::runtime::Runtime, f: F) -> Duration
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Duration>,
-{
-    (0..ROUNDS).map(|_| rt.block_on(f())).min().unwrap()
-}
-
-fn main() {
-    let n: usize = std::env::var("BENCH_MESSAGES")
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+        .unwrap_or(default)
+}
+
+pub fn main() {
+    let n = env_number("BENCH_MESSAGES", 1_000_000);
+    let rounds = env_number("BENCH_ROUNDS", 5).max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    if std::env::var("BENCH_CASE").as_deref() == Ok("phases") {
-        // For profiling: only Spindle's publish, then receive + ack.
-        let (p, c) = rt.block_on(spindle_phases(n));
-        println!(
-            "publish {:.0} msg/s, receive+ack {:.0} msg/s",
-            rate(n, p),
-            rate(n, c)
-        );
+    if let Ok(case) = std::env::var("BENCH_CASE") {
+        let d = run_case(&rt, &case, n);
+        println!("{case}: {:.0} msg/s", rate(n, d));
         return;
-    }
-    if std::env::var("BENCH_CASE").as_deref() == Ok("e2e") {
-        // For profiling: only Spindle end to end.
-        let d = rt.block_on(spindle_end_to_end(n, 1));
-        println!("spindle end to end: {:.0} msg/s", rate(n, d));
-        return;
-    }
-    println!("memory backend throughput: {n} messages of {PAYLOAD} bytes, best of {ROUNDS}, 2 worker threads");
-
-    let (mut publish, mut consume) = (Duration::MAX, Duration::MAX);
-    for _ in 0..ROUNDS {
-        let (p, c) = rt.block_on(spindle_phases(n));
-        publish = publish.min(p);
-        consume = consume.min(c);
-    }
-    let spindle_single = best(&rt, || spindle_end_to_end(n, 1));
-    let spindle_batch = best(&rt, || spindle_end_to_end(n, 100));
-    let mpsc = best(&rt, || mpsc_end_to_end(n));
-    let omni = best(&rt, || omniqueue_end_to_end(n));
-
-    let omni_rate = rate(n, omni);
-    let rows = [
-        ("spindle memory: publish only", rate(n, publish)),
-        ("spindle memory: receive + ack only", rate(n, consume)),
-        (
-            "spindle memory: end to end, publish",
-            rate(n, spindle_single),
-        ),
-        (
-            "spindle memory: end to end, publish_batch(100)",
-            rate(n, spindle_batch),
-        ),
-        ("tokio mpsc (bounded 256): end to end", rate(n, mpsc)),
-        ("omniqueue in-memory: end to end", omni_rate),
-    ];
-    println!("{:<50} {:>14} {:>14}", "case", "msg/s", "vs omniqueue");
-    for (name, r) in rows {
-        println!("{name:<50} {r:>14.0} {:>13.2}x", r / omni_rate);
     }
     println!(
-        "ratio spindle end-to-end / omniqueue = {:.2}, spindle end-to-end / mpsc = {:.2}",
-        rate(n, spindle_single) / omni_rate,
-        rate(n, spindle_single) / rate(n, mpsc)
+        "memory backend throughput: {n} messages of {PAYLOAD} bytes, 2 worker threads, \
+         best of {rounds} interleaved rounds"
+    );
+    // Interleaved, so a slow spell of the machine hits every contender alike.
+    let mut best = vec![Duration::MAX; CASES.len()];
+    for _ in 0..rounds {
+        for (i, (case, _)) in CASES.iter().enumerate() {
+            best[i] = best[i].min(run_case(&rt, case, n));
+        }
+    }
+    let rates: Vec<f64> = best.iter().map(|d| rate(n, *d)).collect();
+    let of = |name: &str| rates[CASES.iter().position(|c| c.0 == name).unwrap()];
+    let omni = of("omniqueue");
+    println!("{:<52} {:>12} {:>13}", "case", "msg/s", "vs omniqueue");
+    for ((_, what), r) in CASES.iter().zip(&rates) {
+        println!("{what:<52} {r:>12.0} {:>12.2}x", r / omni);
+    }
+    println!(
+        "end to end, spindle / omniqueue: shared payload {:.2}, copied payload {:.2}; \
+         spindle / mpsc: shared {:.2}, copied {:.2}",
+        of("spindle") / omni,
+        of("spindle-copy") / omni,
+        of("spindle") / of("mpsc"),
+        of("spindle-copy") / of("mpsc-copy"),
     );
 }
