@@ -177,7 +177,7 @@ pub(crate) struct GroupState {
 /// Keeps a value on its own cache lines: idle consumers poll the takeable hint, and must not
 /// slow down the publisher that holds the lock next to it.
 #[repr(align(128))]
-pub(crate) struct Padded<T>(T);
+pub(crate) struct Padded<T>(pub T);
 
 /// A group of a topic, or the dead-letter queue of one.
 pub(crate) struct Group {

@@ -37,7 +37,7 @@ use spindle_core::{
 };
 
 use consumer::{ConsumerConfig, ConsumerShared, Control};
-use group::{Group, Published};
+use group::{Group, Padded, Published};
 use rustc_hash::FxHashMap as HashMap;
 
 /// The URL schemes this backend answers to.
@@ -110,25 +110,17 @@ impl MemorySettings {
     }
 }
 
+/// A topic: the groups its messages go to. Topics and their groups change rarely and sit under
+/// one lock, so a publish takes one read lock to route.
 pub(crate) struct Topic {
     name: Arc<str>,
-    groups: RwLock<Vec<Arc<Group>>>,
+    groups: Vec<Arc<Group>>,
 }
 
-impl Topic {
-    /// The named group, created with `policy` if absent; `true` when it was created here.
-    fn group_or_create(&self, group: &str, policy: &GroupPolicy) -> Result<(Arc<Group>, bool)> {
-        if group.is_empty() {
-            return Err(Error::InvalidArgument("group name is empty".into()));
-        }
-        let mut groups = write(&self.groups);
-        if let Some(g) = groups.iter().find(|g| &*g.name == group) {
-            return Ok((g.clone(), false));
-        }
-        let g = Group::new(self.name.clone(), group.into(), policy.clone());
-        groups.push(g.clone());
-        Ok((g, true))
-    }
+type Topics = HashMap<String, Topic>;
+
+fn topic_not_found(topic: &str) -> Error {
+    Error::not_found(format!("topic `{topic}`"))
 }
 
 /// A clock the sweeper advances every tick, read on the hot path instead of the system clock.
@@ -157,7 +149,8 @@ impl CoarseClock {
 }
 
 pub(crate) struct Inner {
-    topics: RwLock<HashMap<String, Arc<Topic>>>,
+    /// On its own cache lines: every publish writes the lock word.
+    topics: Padded<RwLock<Topics>>,
     settings: MemorySettings,
     publishing_closed: AtomicBool,
     shut_down: Arc<AtomicBool>,
@@ -171,27 +164,48 @@ impl Inner {
         self.shut_down.load(Ordering::Acquire)
     }
 
-    fn topic(&self, topic: &str) -> Result<Arc<Topic>> {
-        read(&self.topics)
-            .get(topic)
-            .cloned()
-            .ok_or_else(|| Error::not_found(format!("topic `{topic}`")))
+    fn read_topics(&self) -> std::sync::RwLockReadGuard<'_, Topics> {
+        self.topics.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_topics(&self) -> std::sync::RwLockWriteGuard<'_, Topics> {
+        self.topics.0.write().unwrap_or_else(|e| e.into_inner())
     }
 
     fn group(&self, topic: &str, group: &str) -> Result<Arc<Group>> {
-        let t = self.topic(topic)?;
-        let groups = read(&t.groups);
-        groups
+        let topics = self.read_topics();
+        let t = topics.get(topic).ok_or_else(|| topic_not_found(topic))?;
+        t.groups
             .iter()
             .find(|g| &*g.name == group)
             .cloned()
             .ok_or_else(|| Error::not_found(format!("group `{group}` of topic `{topic}`")))
     }
 
+    /// The named group of `topic`, created with `policy` if absent; `true` when created here.
+    fn group_or_create(
+        &self,
+        topic: &str,
+        group: &str,
+        policy: &GroupPolicy,
+    ) -> Result<(Arc<Group>, bool)> {
+        if group.is_empty() {
+            return Err(Error::InvalidArgument("group name is empty".into()));
+        }
+        let mut topics = self.write_topics();
+        let t = topics.get_mut(topic).ok_or_else(|| topic_not_found(topic))?;
+        if let Some(g) = t.groups.iter().find(|g| &*g.name == group) {
+            return Ok((g.clone(), false));
+        }
+        let g = Group::new(t.name.clone(), group.into(), policy.clone());
+        t.groups.push(g.clone());
+        Ok((g, true))
+    }
+
     fn all_groups(&self) -> Vec<Arc<Group>> {
-        read(&self.topics)
+        self.read_topics()
             .values()
-            .flat_map(|t| read(&t.groups).clone())
+            .flat_map(|t| t.groups.iter().cloned())
             .collect()
     }
 
@@ -209,13 +223,6 @@ impl Drop for Inner {
     }
 }
 
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The in-memory broker. Cheap to clone; clones share the same topics.
 ///
@@ -236,7 +243,7 @@ impl std::fmt::Debug for MemoryBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryBroker")
             .field("settings", &self.inner.settings)
-            .field("topics", &read(&self.inner.topics).len())
+            .field("topics", &self.inner.read_topics().len())
             .finish()
     }
 }
@@ -256,7 +263,7 @@ impl MemoryBroker {
     pub fn with_settings(settings: MemorySettings) -> Self {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let inner = Arc::new(Inner {
-            topics: RwLock::new(HashMap::default()),
+            topics: Padded(RwLock::new(HashMap::default())),
             settings,
             publishing_closed: AtomicBool::new(false),
             shut_down: Arc::new(AtomicBool::new(false)),
@@ -317,11 +324,8 @@ impl MemoryBroker {
         adding: usize,
         f: impl FnOnce(&[Arc<Group>]) -> T,
     ) -> Result<T> {
-        let topics = read(&self.inner.topics);
-        let t = topics
-            .get(topic)
-            .ok_or_else(|| Error::not_found(format!("topic `{topic}`")))?;
-        let groups = read(&t.groups);
+        let topics = self.inner.read_topics();
+        let groups = &topics.get(topic).ok_or_else(|| topic_not_found(topic))?.groups;
         if groups.is_empty() {
             return Err(Error::Unroutable {
                 topic: topic.to_string(),
@@ -334,7 +338,7 @@ impl MemoryBroker {
                 limit,
             });
         }
-        Ok(f(&groups))
+        Ok(f(groups))
     }
 
     fn publish_now(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
@@ -483,8 +487,7 @@ impl Subscriber for MemoryBroker {
         options.validate()?;
         let (g, _) = self
             .inner
-            .topic(topic)?
-            .group_or_create(group, &options.policy)?;
+            .group_or_create(topic, group, &options.policy)?;
         Ok(self.consume(g, &options, false))
     }
 
@@ -512,13 +515,12 @@ impl Admin for MemoryBroker {
         if topic.is_empty() {
             return Err(Error::InvalidArgument("topic name is empty".into()));
         }
-        write(&self.inner.topics)
+        self.inner
+            .write_topics()
             .entry(topic.to_string())
-            .or_insert_with(|| {
-                Arc::new(Topic {
-                    name: topic.into(),
-                    groups: RwLock::new(Vec::new()),
-                })
+            .or_insert_with(|| Topic {
+                name: topic.into(),
+                groups: Vec::new(),
             });
         Ok(())
     }
@@ -526,7 +528,7 @@ impl Admin for MemoryBroker {
     async fn ensure_group(&self, topic: &str, group: &str, policy: &GroupPolicy) -> Result<()> {
         self.check_open()?;
         policy.validate()?;
-        let (g, created) = self.inner.topic(topic)?.group_or_create(group, policy)?;
+        let (g, created) = self.inner.group_or_create(topic, group, policy)?;
         if !created {
             g.lock().policy = policy.clone();
         }
@@ -546,9 +548,12 @@ impl Admin for MemoryBroker {
     }
 
     async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
-        let t = self.inner.topic(topic)?;
         let removed = {
-            let mut groups = write(&t.groups);
+            let mut topics = self.inner.write_topics();
+            let groups = &mut topics
+                .get_mut(topic)
+                .ok_or_else(|| topic_not_found(topic))?
+                .groups;
             let before = groups.len();
             let mut removed = None;
             groups.retain(|g| {
@@ -574,10 +579,12 @@ impl Admin for MemoryBroker {
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<()> {
-        let t = write(&self.inner.topics)
+        let t = self
+            .inner
+            .write_topics()
             .remove(topic)
-            .ok_or_else(|| Error::not_found(format!("topic `{topic}`")))?;
-        for g in read(&t.groups).iter() {
+            .ok_or_else(|| topic_not_found(topic))?;
+        for g in &t.groups {
             g.close();
         }
         Ok(())
