@@ -161,8 +161,14 @@ impl std::fmt::Debug for Delivery {
         f.debug_struct("Delivery")
             .field("message", &self.message)
             .field("attempt", &self.attempt)
-            .field("topic", &self.handle.as_ref().map_or("", |(a, _)| a.topic()))
-            .field("group", &self.handle.as_ref().map_or("", |(a, _)| a.group()))
+            .field(
+                "topic",
+                &self.handle.as_ref().map_or("", |(a, _)| a.topic()),
+            )
+            .field(
+                "group",
+                &self.handle.as_ref().map_or("", |(a, _)| a.group()),
+            )
             .finish()
     }
 }

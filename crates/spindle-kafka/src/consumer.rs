@@ -565,7 +565,8 @@ fn run(consumer: BaseConsumer<SubContext>, shared: Arc<SubShared>, acker: Arc<dy
                 let Some(rec) = rec else { break };
                 st.next_token += 1;
                 let token = st.next_token;
-                let delivery = Delivery::new(rec.message.clone(), rec.attempt, acker.clone(), token);
+                let delivery =
+                    Delivery::new(rec.message.clone(), rec.attempt, acker.clone(), token);
                 st.tokens.insert(token, rec);
                 if let Some(tx) = &st.sender {
                     if let Err(e) = tx.send(Ok(delivery)) {

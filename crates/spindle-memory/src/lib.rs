@@ -193,7 +193,9 @@ impl Inner {
             return Err(Error::InvalidArgument("group name is empty".into()));
         }
         let mut topics = self.write_topics();
-        let t = topics.get_mut(topic).ok_or_else(|| topic_not_found(topic))?;
+        let t = topics
+            .get_mut(topic)
+            .ok_or_else(|| topic_not_found(topic))?;
         if let Some(g) = t.groups.iter().find(|g| &*g.name == group) {
             return Ok((g.clone(), false));
         }
@@ -222,7 +224,6 @@ impl Drop for Inner {
         self.stop_sweeper();
     }
 }
-
 
 /// The in-memory broker. Cheap to clone; clones share the same topics.
 ///
@@ -325,7 +326,10 @@ impl MemoryBroker {
         f: impl FnOnce(&[Arc<Group>]) -> T,
     ) -> Result<T> {
         let topics = self.inner.read_topics();
-        let groups = &topics.get(topic).ok_or_else(|| topic_not_found(topic))?.groups;
+        let groups = &topics
+            .get(topic)
+            .ok_or_else(|| topic_not_found(topic))?
+            .groups;
         if groups.is_empty() {
             return Err(Error::Unroutable {
                 topic: topic.to_string(),
@@ -485,9 +489,7 @@ impl Subscriber for MemoryBroker {
     ) -> Result<Subscription> {
         self.check_open()?;
         options.validate()?;
-        let (g, _) = self
-            .inner
-            .group_or_create(topic, group, &options.policy)?;
+        let (g, _) = self.inner.group_or_create(topic, group, &options.policy)?;
         Ok(self.consume(g, &options, false))
     }
 
