@@ -9,9 +9,15 @@
 //!   always makes, so each payload is allocated on the producer's thread and freed on the
 //!   consumer's, and the allocator's cross-thread frees enter the measurement.
 //!
+//! omniqueue's producer never yields to the scheduler (its send is ready at once), so its
+//! producer and consumer mostly take turns on one worker; Spindle's publish yields every 128
+//! calls, as tokio's own channels do, so the two run in parallel. The `omniqueue-coop` row
+//! gives omniqueue's producer the same yields.
+//!
 //! `cargo bench -p spindle-memory --bench throughput`. `BENCH_MESSAGES` (default 1,000,000)
 //! and `BENCH_ROUNDS` (default 5; rounds are interleaved, best kept) change the run;
-//! `BENCH_CASE=<name>` runs one case once, for profiling (names in `CASES`).
+//! `BENCH_RUNTIME=current-thread` runs everything on one thread (per-message cost without
+//! parallelism); `BENCH_CASE=<name>` runs one case once, for profiling (names in `CASES`).
 
 use std::time::{Duration, Instant};
 
@@ -41,11 +47,18 @@ const CASES: &[(&str, &str)] = &[
     ("publish", "spindle: publish only (shared)"),
     ("receive", "spindle: receive + ack only"),
     ("spindle", "spindle: end to end, shared payload"),
-    ("spindle-batch", "spindle: end to end, publish_batch(100), shared"),
+    (
+        "spindle-batch",
+        "spindle: end to end, publish_batch(100), shared",
+    ),
     ("spindle-copy", "spindle: end to end, copied payload"),
     ("mpsc", "tokio mpsc (bounded 256): shared payload"),
     ("mpsc-copy", "tokio mpsc (bounded 256): copied payload"),
     ("omniqueue", "omniqueue in-memory: copied payload (its API)"),
+    (
+        "omniqueue-coop",
+        "omniqueue, producer yielding like spindle's",
+    ),
 ];
 
 async fn subscribed_broker() -> (MemoryBroker, spindle_core::Subscription) {
@@ -140,12 +153,15 @@ async fn mpsc_end_to_end(n: usize, mode: Mode) -> Duration {
     start.elapsed()
 }
 
-async fn omniqueue_end_to_end(n: usize) -> Duration {
+async fn omniqueue_end_to_end(n: usize, cooperative: bool) -> Duration {
     let (producer, mut consumer) = InMemoryBackend::builder().build_pair().await.unwrap();
     let p = vec![0xAB; PAYLOAD];
     let start = Instant::now();
     let task = tokio::spawn(async move {
         for _ in 0..n {
+            if cooperative {
+                tokio::task::consume_budget().await;
+            }
             producer.send_raw(&p).await.unwrap();
         }
     });
@@ -170,7 +186,8 @@ fn run_case(rt: &tokio::runtime::Runtime, case: &str, n: usize) -> Duration {
         "spindle-copy" => rt.block_on(spindle_end_to_end(n, 1, Mode::Copied)),
         "mpsc" => rt.block_on(mpsc_end_to_end(n, Mode::Shared)),
         "mpsc-copy" => rt.block_on(mpsc_end_to_end(n, Mode::Copied)),
-        "omniqueue" => rt.block_on(omniqueue_end_to_end(n)),
+        "omniqueue" => rt.block_on(omniqueue_end_to_end(n, false)),
+        "omniqueue-coop" => rt.block_on(omniqueue_end_to_end(n, true)),
         other => panic!(
             "unknown BENCH_CASE `{other}`; cases: {:?}",
             CASES.iter().map(|c| c.0).collect::<Vec<_>>()
@@ -192,18 +209,31 @@ fn env_number(name: &str, default: usize) -> usize {
 pub fn main() {
     let n = env_number("BENCH_MESSAGES", 1_000_000);
     let rounds = env_number("BENCH_ROUNDS", 5).max(1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let single_thread = std::env::var("BENCH_RUNTIME").as_deref() == Ok("current-thread");
+    let rt = if single_thread {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let runtime = if single_thread {
+        "a current-thread runtime"
+    } else {
+        "2 worker threads"
+    };
     if let Ok(case) = std::env::var("BENCH_CASE") {
         let d = run_case(&rt, &case, n);
         println!("{case}: {:.0} msg/s", rate(n, d));
         return;
     }
     println!(
-        "memory backend throughput: {n} messages of {PAYLOAD} bytes, 2 worker threads, \
+        "memory backend throughput: {n} messages of {PAYLOAD} bytes, {runtime}, \
          best of {rounds} interleaved rounds"
     );
     // Interleaved, so a slow spell of the machine hits every contender alike.
