@@ -15,6 +15,7 @@ mod config;
 mod delivery;
 mod error;
 mod message;
+mod publishing;
 mod subscription;
 mod traits;
 
@@ -26,6 +27,7 @@ pub use message::{
     new_message_id, Headers, Message, CONTENT_TYPE_JSON, HEADER_ATTEMPT, HEADER_DEAD_LETTER_REASON,
     HEADER_ORIGINAL_TOPIC, RESERVED_HEADER_PREFIX,
 };
+pub use publishing::{PublishNow, Publishing};
 pub use subscription::{Subscription, SubscriptionControl};
 pub use traits::{
     Admin, Broker, DynBroker, GroupDepth, GroupPolicy, PublishOptions, Publisher, PublisherExt,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Serialize;
 
-use crate::{Capabilities, Message, Result, Subscription};
+use crate::{Capabilities, Message, Publishing, Result, Subscription};
 
 /// Options for one publish.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -23,6 +23,9 @@ impl PublishOptions {
     }
 }
 
+/// Options of a plain publish.
+static NO_OPTIONS: PublishOptions = PublishOptions { delay: None };
+
 /// Sends messages to topics.
 ///
 /// `publish` returns `Ok` only once the backend has durably accepted the message, where it can
@@ -37,10 +40,11 @@ pub trait Publisher: Send + Sync {
         options: &PublishOptions,
     ) -> Result<()>;
 
-    /// Publishes one message.
-    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
-        self.publish_with(topic, message, &PublishOptions::default())
-            .await
+    /// Publishes one message. The default calls [`publish_with`](Publisher::publish_with); a
+    /// backend that settles publishes on the spot returns [`Publishing::now`] instead, which
+    /// allocates nothing.
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> Publishing<'a> {
+        Publishing::waiting(self.publish_with(topic, message, &NO_OPTIONS))
     }
 
     /// Publishes many messages, with one result per message, in order. A failure is never

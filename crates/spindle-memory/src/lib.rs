@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 
 use spindle_core::{
     async_trait, Admin, Broker, Capabilities, Config, Error, GroupDepth, GroupPolicy, Message,
-    PublishOptions, Publisher, Result, SubscribeOptions, Subscriber, Subscription,
+    PublishNow, PublishOptions, Publisher, Publishing, Result, SubscribeOptions, Subscriber,
+    Subscription,
 };
 
 use consumer::{ConsumerConfig, ConsumerShared, Control};
@@ -345,7 +346,7 @@ impl MemoryBroker {
         Ok(f(groups))
     }
 
-    fn publish_now(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
+    fn publish_one(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
         self.check_publish(&message, options)?;
         self.with_groups(topic, 1, move |groups| match groups {
             [g] => g.publish([Published::Owned(message)], options.delay),
@@ -398,6 +399,12 @@ fn sweep(inner: Weak<Inner>, stop: Arc<(Mutex<bool>, Condvar)>, tick: Duration) 
     }
 }
 
+impl PublishNow for MemoryBroker {
+    fn publish_now(&self, topic: &str, message: Message) -> Result<()> {
+        self.publish_one(topic, message, &PublishOptions::default())
+    }
+}
+
 #[async_trait]
 impl Publisher for MemoryBroker {
     async fn publish_with(
@@ -409,13 +416,12 @@ impl Publisher for MemoryBroker {
         // Publishing never waits, so give the scheduler its turn now and then: a consumer
         // woken on this thread gets to run instead of queueing behind a publishing loop.
         tokio::task::consume_budget().await;
-        self.publish_now(topic, message, options)
+        self.publish_one(topic, message, options)
     }
 
-    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
-        // Not the default (which boxes a second future for `publish_with`): the hot path.
-        tokio::task::consume_budget().await;
-        self.publish_now(topic, message, &PublishOptions::default())
+    fn publish<'a>(&'a self, topic: &'a str, message: Message) -> Publishing<'a> {
+        // The hot path: settled on the spot, no boxed future.
+        Publishing::now(self, topic, message)
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Vec<Result<()>> {
