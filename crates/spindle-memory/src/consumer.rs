@@ -160,6 +160,12 @@ impl ConsumerShared {
         self.wake.notify_one();
     }
 
+    /// The ack deadline of a delivery taken now. The coarse clock may be a tick behind: add one
+    /// so no deadline comes early.
+    fn deadline(&self) -> Instant {
+        self.config.clock.now() + self.config.ack_timeout + self.config.tick
+    }
+
     /// Redelivers what is past its deadline. Called by the sweeper.
     pub fn expire(&self, now: Instant) {
         let expired: Vec<Entry> = {
@@ -196,11 +202,22 @@ impl ConsumerShared {
         ))
     }
 
-    /// A fetched delivery, or else the prefetch room left.
+    /// A fetched delivery, or one new message straight from the group; else the prefetch room
+    /// left (the caller then fetches in a batch, or waits).
     fn pop_buffered(self: &Arc<Self>) -> std::result::Result<Delivery, usize> {
         let mut st = self.lock();
-        let Some((entry, deadline)) = st.buffer.pop_front() else {
-            return Err(self.config.prefetch.saturating_sub(st.held()));
+        let (entry, deadline) = match st.buffer.pop_front() {
+            Some(buffered) => buffered,
+            None => {
+                let room = self.config.prefetch.saturating_sub(st.held());
+                if room == 0 {
+                    return Err(0);
+                }
+                match self.group.take_new() {
+                    Some(entry) => (entry, self.deadline()),
+                    None => return Err(room),
+                }
+            }
         };
         let attempt = entry.attempts;
         // Made here, one per hand-out, so allocations and frees alternate on this thread.
@@ -250,8 +267,7 @@ impl ConsumerShared {
                     continue;
                 }
             }
-            // The coarse clock may be a tick behind: add one so no deadline comes early.
-            let deadline = self.config.clock.now() + self.config.ack_timeout + self.config.tick;
+            let deadline = self.deadline();
             let mut st = self.lock();
             st.buffer
                 .extend(scratch.drain(..).map(|entry| (entry, deadline)));

@@ -66,15 +66,14 @@ impl Published {
     }
 }
 
-/// New unkeyed messages: a lock-free queue, with counts kept apart so that a publisher
-/// checking the depth bound does not read the line every pop writes (`SegQueue::len` does).
+/// New unkeyed messages: a lock-free queue, with a count publishers keep to themselves, so a
+/// publisher checking the depth bound does not read the line every pop writes (as
+/// `SegQueue::len` does) until the bound is near.
 struct Inbox {
     queue: SegQueue<Published>,
-    /// Written by publishers: messages pushed (counted before the push, so never below the
-    /// pops), and the pop count they last looked at.
+    /// Written by publishers only: messages pushed (counted before the push), and how many of
+    /// those had been popped when a publisher last measured the queue.
     pushed: Padded<(AtomicUsize, AtomicUsize)>,
-    /// Written by consumers: messages popped (counted after the pop).
-    popped: Padded<AtomicUsize>,
 }
 
 impl Inbox {
@@ -82,7 +81,6 @@ impl Inbox {
         Inbox {
             queue: SegQueue::new(),
             pushed: Padded((AtomicUsize::new(0), AtomicUsize::new(0))),
-            popped: Padded(AtomicUsize::new(0)),
         }
     }
 
@@ -99,9 +97,6 @@ impl Inbox {
             f(msg);
             n += 1;
         }
-        if n > 0 {
-            self.popped.0.fetch_add(n, Ordering::Release);
-        }
         n
     }
 
@@ -109,19 +104,21 @@ impl Inbox {
         self.queue.is_empty()
     }
 
-    /// At least the number of messages queued, without reading the consumers' count.
-    fn len_upper_bound(&self) -> usize {
-        let (pushed, seen_popped) = &self.pushed.0;
+    /// The number queued, give or take publishes under way, from publishers' own count: it
+    /// only grows until the next measurement.
+    fn len_estimate(&self) -> usize {
+        let (pushed, popped_then) = &self.pushed.0;
         let pushed = pushed.load(Ordering::Acquire);
-        pushed.saturating_sub(seen_popped.load(Ordering::Relaxed))
+        pushed.saturating_sub(popped_then.load(Ordering::Relaxed))
     }
 
-    /// The number queued, reading the consumers' count (and remembering it for the bound).
+    /// The number queued, measured (and remembered for the estimate).
     fn len(&self) -> usize {
-        let (pushed, seen_popped) = &self.pushed.0;
-        let popped = self.popped.0.load(Ordering::Acquire);
-        seen_popped.fetch_max(popped, Ordering::Relaxed);
-        pushed.load(Ordering::Acquire).saturating_sub(popped)
+        let (pushed, popped_then) = &self.pushed.0;
+        let pushed = pushed.load(Ordering::Acquire);
+        let len = self.queue.len();
+        popped_then.fetch_max(pushed.saturating_sub(len), Ordering::Relaxed);
+        len
     }
 }
 
@@ -252,11 +249,11 @@ impl Group {
     }
 
     /// Whether `adding` more messages would take the group past `limit` waiting (ready or
-    /// delayed, as of the last release of the lock). Looks at the consumers' pop count only
-    /// when a cheaper upper bound says it might.
+    /// delayed, as of the last release of the lock). Measures the inbox only when publishers'
+    /// own estimate says it might.
     pub fn would_exceed(&self, adding: usize, limit: usize) -> bool {
         let locked = self.queued_hint.load(Ordering::Acquire) + adding;
-        locked + self.inbox.len_upper_bound() > limit && locked + self.inbox.len() > limit
+        locked + self.inbox.len_estimate() > limit && locked + self.inbox.len() > limit
     }
 
     /// Whether anything may be takeable, without locking (a hint: `take` decides).
@@ -328,6 +325,21 @@ impl Group {
         }
         drop(locked);
         self.wake_idle();
+    }
+
+    /// One new message straight from the inbox, counting its first attempt, when nothing in the
+    /// locked queue (redeliveries, keyed or delayed messages) comes first.
+    pub fn take_new(&self) -> Option<Entry> {
+        if self.takeable_hint.0.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let mut taken = None;
+        self.inbox.pop_into(1, |msg| {
+            let mut entry = msg.into_entry();
+            entry.attempts = 1;
+            taken = Some(entry);
+        });
+        taken
     }
 
     /// Takes up to `max` takeable messages, counting one more attempt for each: first from
