@@ -49,6 +49,9 @@ pub struct Harness {
     run_id: String,
     requires: Option<(String, String)>,
     stress_messages: usize,
+    cleanup: bool,
+    /// The names a case used, for cleaning up after it.
+    named: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Harness {
@@ -66,7 +69,19 @@ impl Harness {
             requires: None,
             stress_messages: Self::DEFAULT_STRESS_MESSAGES,
             run_id: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+            cleanup: false,
+            named: Arc::default(),
         }
+    }
+
+    /// After a case passes, deletes every group and topic it could have made from the names it
+    /// used (through a fresh broker: cases shut theirs down), so a long-lived broker does not
+    /// collect a run's worth of durable topics and queues. Failures are ignored; a failed case
+    /// keeps its state for inspection. Leave it off for a backend where deleting one topic
+    /// disturbs others.
+    pub fn with_cleanup(mut self) -> Self {
+        self.cleanup = true;
+        self
     }
 
     /// Messages the stress case sends, unless changed with
@@ -119,12 +134,36 @@ impl Harness {
 
     /// A name unique to this case and run, safe for every backend (letters, digits, `-`).
     pub fn name(&self, what: &str) -> String {
-        format!(
+        let name = format!(
             "sp-{}-{}-{}",
             self.case.replace('_', "-"),
             what,
             self.run_id
-        )
+        );
+        if self.cleanup {
+            self.named
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(name.clone());
+        }
+        name
+    }
+
+    /// Deletes every (topic, group) pair and every topic the case's names could form; errors
+    /// are ignored (most pairs never existed).
+    async fn clean_up(&self) {
+        let names = std::mem::take(&mut *self.named.lock().unwrap_or_else(|e| e.into_inner()));
+        let bounded = Duration::from_secs(5);
+        let Ok(Ok(broker)) = tokio::time::timeout(bounded, (self.factory)()).await else {
+            return;
+        };
+        for topic in &names {
+            for group in names.iter().filter(|g| *g != topic) {
+                let _ = tokio::time::timeout(bounded, broker.delete_group(topic, group)).await;
+            }
+            let _ = tokio::time::timeout(bounded, broker.delete_topic(topic)).await;
+        }
+        let _ = tokio::time::timeout(bounded, broker.shutdown()).await;
     }
 
     /// Whether a restart hook was given.
@@ -160,9 +199,14 @@ impl Harness {
                 return;
             }
         }
+        // Each case records its own names.
+        self.named = Arc::default();
         let limit = self.timing.case_timeout;
         if tokio::time::timeout(limit, body(&self)).await.is_err() {
             panic!("{case}: did not finish within {limit:?}");
+        }
+        if self.cleanup {
+            self.clean_up().await;
         }
     }
 }

@@ -69,6 +69,7 @@ async fn restart() {
 
 fn harness() -> Harness {
     Harness::new(connect)
+        .with_cleanup()
         .with_restart(restart)
         .requires_broker("RabbitMQ", common::ADDRESS)
         .with_timing(Timing {
