@@ -232,3 +232,40 @@ async fn a_full_group_refuses_publishes_instead_of_growing() {
     recv(&mut fast).await.ack().await.unwrap();
     b.publish("t", Message::new("5")).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_publish_does_nothing_until_polled() {
+    let b = MemoryBroker::new();
+    b.ensure_topic("t").await.unwrap();
+    b.ensure_group("t", "g", &GroupPolicy::default())
+        .await
+        .unwrap();
+    let never_polled = b.publish("t", Message::new("dropped"));
+    drop(never_polled);
+    assert_eq!(b.depth("t", "g").await.unwrap().ready, 0);
+    b.publish("t", Message::new("awaited")).await.unwrap();
+    assert_eq!(b.depth("t", "g").await.unwrap().ready, 1);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_publishing_loop_lets_other_tasks_run() {
+    // Publishing never waits, so without the scheduler budget a loop of publishes would keep
+    // the only thread to itself until it ended.
+    let b = MemoryBroker::new();
+    b.ensure_topic("t").await.unwrap();
+    b.ensure_group("t", "g", &GroupPolicy::default())
+        .await
+        .unwrap();
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = ran.clone();
+    tokio::spawn(async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) });
+    let mut ran_during = false;
+    for i in 0..10_000 {
+        b.publish("t", Message::new(format!("{i}"))).await.unwrap();
+        ran_during |= ran.load(std::sync::atomic::Ordering::SeqCst);
+    }
+    assert!(
+        ran_during,
+        "the spawned task never ran while the loop published"
+    );
+}
