@@ -279,25 +279,21 @@ impl ConsumerShared {
             consumer: self,
             scratch: Vec::new(),
             waiting: None,
-            fast_in_a_row: 0,
         })
     }
 }
 
 type Waiting = BoxFuture<'static, (Option<Delivery>, Vec<Entry>)>;
 
-/// The subscription's stream. Buffered deliveries are handed out directly; only an empty
-/// buffer builds the future that fetches and waits. Dropping it returns what it fetched.
+/// The subscription's stream. Buffered and new messages are handed out directly; only when
+/// there is none (or no room) does it build the future that fetches and waits. Every delivery
+/// takes a unit of the task's tokio budget, so a stream that is always ready still lets other
+/// tasks run. Dropping it returns what it fetched.
 struct DeliveryStream {
     consumer: Arc<ConsumerShared>,
     scratch: Vec<Entry>,
     waiting: Option<Waiting>,
-    fast_in_a_row: u32,
 }
-
-/// Buffered deliveries handed out before going through the slow path, which gives the
-/// scheduler a turn (a stream that is always ready would otherwise starve other tasks).
-const FAST_PATH_RUN: u32 = 64;
 
 impl Stream for DeliveryStream {
     type Item = Result<Delivery>;
@@ -305,13 +301,13 @@ impl Stream for DeliveryStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         if this.waiting.is_none() {
-            if this.fast_in_a_row < FAST_PATH_RUN && !this.consumer.finished() {
+            if !this.consumer.finished() {
+                let budget = std::task::ready!(tokio::task::coop::poll_proceed(cx));
                 if let Ok(delivery) = this.consumer.pop_buffered() {
-                    this.fast_in_a_row += 1;
+                    budget.made_progress();
                     return Poll::Ready(Some(Ok(delivery)));
                 }
             }
-            this.fast_in_a_row = 0;
             let consumer = this.consumer.clone();
             let mut scratch = std::mem::take(&mut this.scratch);
             this.waiting = Some(Box::pin(async move {

@@ -269,3 +269,27 @@ async fn a_publishing_loop_lets_other_tasks_run() {
         "the spawned task never ran while the loop published"
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_consuming_loop_lets_other_tasks_run() {
+    let b = MemoryBroker::new();
+    b.ensure_topic("t").await.unwrap();
+    let mut sub = b
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let batch = (0..10_000).map(|i| Message::new(format!("{i}"))).collect();
+    assert!(b.publish_batch("t", batch).await.iter().all(Result::is_ok));
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = ran.clone();
+    tokio::spawn(async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) });
+    let mut ran_during = false;
+    for _ in 0..10_000 {
+        recv(&mut sub).await.ack().await.unwrap();
+        ran_during |= ran.load(std::sync::atomic::Ordering::SeqCst);
+    }
+    assert!(
+        ran_during,
+        "the spawned task never ran while the loop consumed"
+    );
+}
