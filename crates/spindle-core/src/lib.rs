@@ -2,6 +2,8 @@
 //!
 //! - [`Message`]: payload, headers, key, id, content type.
 //! - [`Publisher`], [`Subscriber`], [`Admin`], together [`Broker`]: object-safe traits.
+//!   A publish returns [`Publishing`]; a backend that settles publishes on the spot implements
+//!   [`PublishNow`] and allocates nothing per publish.
 //! - [`Delivery`]: a received message, decided with `ack`, `nack`, `nack_after`,
 //!   `dead_letter`, or extended with `extend`; dropped undecided, it is redelivered.
 //! - [`Capabilities`]: what a backend can do; the rest is [`Error::Unsupported`].
