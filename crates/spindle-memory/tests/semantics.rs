@@ -247,27 +247,49 @@ async fn a_publish_does_nothing_until_polled() {
     assert_eq!(b.depth("t", "g").await.unwrap().ready, 1);
 }
 
+/// A task spawned on this (current-thread) runtime, and whether it ran while a loop went on:
+/// a loop whose awaits never wait must still yield to it.
+struct OtherTask {
+    ran: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ran_during: bool,
+}
+
+impl OtherTask {
+    fn spawn() -> Self {
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        tokio::spawn(async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) });
+        OtherTask {
+            ran,
+            ran_during: false,
+        }
+    }
+
+    fn look(&mut self) {
+        self.ran_during |= self.ran.load(std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn assert_ran(&self, what: &str) {
+        assert!(
+            self.ran_during,
+            "the spawned task never ran while the loop {what}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_publishing_loop_lets_other_tasks_run() {
-    // Publishing never waits, so without the scheduler budget a loop of publishes would keep
-    // the only thread to itself until it ended.
     let b = MemoryBroker::new();
     b.ensure_topic("t").await.unwrap();
     b.ensure_group("t", "g", &GroupPolicy::default())
         .await
         .unwrap();
-    let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = ran.clone();
-    tokio::spawn(async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) });
-    let mut ran_during = false;
+    let mut other = OtherTask::spawn();
     for i in 0..10_000 {
         b.publish("t", Message::new(format!("{i}"))).await.unwrap();
-        ran_during |= ran.load(std::sync::atomic::Ordering::SeqCst);
+        other.look();
     }
-    assert!(
-        ran_during,
-        "the spawned task never ran while the loop published"
-    );
+    other.assert_ran("published");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -280,16 +302,10 @@ async fn a_consuming_loop_lets_other_tasks_run() {
         .unwrap();
     let batch = (0..10_000).map(|i| Message::new(format!("{i}"))).collect();
     assert!(b.publish_batch("t", batch).await.iter().all(Result::is_ok));
-    let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = ran.clone();
-    tokio::spawn(async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) });
-    let mut ran_during = false;
+    let mut other = OtherTask::spawn();
     for _ in 0..10_000 {
         recv(&mut sub).await.ack().await.unwrap();
-        ran_during |= ran.load(std::sync::atomic::Ordering::SeqCst);
+        other.look();
     }
-    assert!(
-        ran_during,
-        "the spawned task never ran while the loop consumed"
-    );
+    other.assert_ran("consumed");
 }
