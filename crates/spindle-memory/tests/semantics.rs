@@ -8,6 +8,27 @@ use spindle_core::{
 };
 use spindle_memory::{MemoryBroker, MemorySettings};
 
+/// A broker with topic `t` and group `g` (default policy).
+async fn broker_with_group() -> MemoryBroker {
+    let b = MemoryBroker::new();
+    b.ensure_topic("t").await.unwrap();
+    b.ensure_group("t", "g", &GroupPolicy::default())
+        .await
+        .unwrap();
+    b
+}
+
+/// A broker with topic `t`, and a subscription of group `g` (default options).
+async fn subscribed() -> (MemoryBroker, spindle_core::Subscription) {
+    let b = MemoryBroker::new();
+    b.ensure_topic("t").await.unwrap();
+    let sub = b
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
+    (b, sub)
+}
+
 async fn recv(sub: &mut spindle_core::Subscription) -> spindle_core::Delivery {
     tokio::time::timeout(Duration::from_secs(5), sub.next_delivery())
         .await
@@ -32,12 +53,7 @@ fn settings_from_config() {
 
 #[tokio::test]
 async fn dead_letter_queue_cannot_dead_letter_again() {
-    let b = MemoryBroker::new();
-    b.ensure_topic("t").await.unwrap();
-    let mut sub = b
-        .subscribe("t", "g", SubscribeOptions::default())
-        .await
-        .unwrap();
+    let (b, mut sub) = subscribed().await;
     b.publish("t", Message::new("x")).await.unwrap();
     recv(&mut sub).await.dead_letter("bad").await.unwrap();
     let mut dlq = b
@@ -60,12 +76,7 @@ async fn dead_letter_queue_cannot_dead_letter_again() {
 
 #[tokio::test]
 async fn redrive_strips_dead_letter_headers() {
-    let b = MemoryBroker::new();
-    b.ensure_topic("t").await.unwrap();
-    let mut sub = b
-        .subscribe("t", "g", SubscribeOptions::default())
-        .await
-        .unwrap();
+    let (b, mut sub) = subscribed().await;
     b.publish("t", Message::new("x").with_header("keep", "me"))
         .await
         .unwrap();
@@ -80,12 +91,7 @@ async fn redrive_strips_dead_letter_headers() {
 
 #[tokio::test]
 async fn delayed_nack_of_a_key_holds_back_that_key_only() {
-    let b = MemoryBroker::new();
-    b.ensure_topic("t").await.unwrap();
-    let mut sub = b
-        .subscribe("t", "g", SubscribeOptions::default())
-        .await
-        .unwrap();
+    let (b, mut sub) = subscribed().await;
     for (key, n) in [("a", 1), ("a", 2), ("b", 1)] {
         b.publish("t", Message::new(format!("{key}{n}")).with_key(key))
             .await
@@ -112,12 +118,7 @@ async fn delayed_nack_of_a_key_holds_back_that_key_only() {
 
 #[tokio::test]
 async fn purge_releases_a_key_held_by_a_delayed_nack() {
-    let b = MemoryBroker::new();
-    b.ensure_topic("t").await.unwrap();
-    let mut sub = b
-        .subscribe("t", "g", SubscribeOptions::default())
-        .await
-        .unwrap();
+    let (b, mut sub) = subscribed().await;
     b.publish("t", Message::new("k1").with_key("k"))
         .await
         .unwrap();
@@ -165,12 +166,7 @@ async fn ensure_group_updates_policy_and_validates() {
 
 #[tokio::test]
 async fn delete_group_ends_its_streams_and_unroutes() {
-    let b = MemoryBroker::new();
-    b.ensure_topic("t").await.unwrap();
-    let mut sub = b
-        .subscribe("t", "g", SubscribeOptions::default())
-        .await
-        .unwrap();
+    let (b, mut sub) = subscribed().await;
     b.delete_group("t", "g").await.unwrap();
     let end = tokio::time::timeout(Duration::from_secs(5), sub.next_delivery())
         .await
@@ -235,11 +231,7 @@ async fn a_full_group_refuses_publishes_instead_of_growing() {
 
 #[tokio::test]
 async fn a_publish_does_nothing_until_polled() {
-    let b = MemoryBroker::new();
-    b.ensure_topic("t").await.unwrap();
-    b.ensure_group("t", "g", &GroupPolicy::default())
-        .await
-        .unwrap();
+    let b = broker_with_group().await;
     let never_polled = b.publish("t", Message::new("dropped"));
     drop(never_polled);
     assert_eq!(b.depth("t", "g").await.unwrap().ready, 0);
@@ -279,11 +271,7 @@ impl OtherTask {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_publishing_loop_lets_other_tasks_run() {
-    let b = MemoryBroker::new();
-    b.ensure_topic("t").await.unwrap();
-    b.ensure_group("t", "g", &GroupPolicy::default())
-        .await
-        .unwrap();
+    let b = broker_with_group().await;
     let mut other = OtherTask::spawn();
     for i in 0..10_000 {
         b.publish("t", Message::new(format!("{i}"))).await.unwrap();
@@ -294,12 +282,7 @@ async fn a_publishing_loop_lets_other_tasks_run() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_consuming_loop_lets_other_tasks_run() {
-    let b = MemoryBroker::new();
-    b.ensure_topic("t").await.unwrap();
-    let mut sub = b
-        .subscribe("t", "g", SubscribeOptions::default())
-        .await
-        .unwrap();
+    let (b, mut sub) = subscribed().await;
     let batch = (0..10_000).map(|i| Message::new(format!("{i}"))).collect();
     assert!(b.publish_batch("t", batch).await.iter().all(Result::is_ok));
     let mut other = OtherTask::spawn();
