@@ -142,34 +142,40 @@ fn sqs_send_flush(client: aws_sdk_sqs::Client) -> FlushFn<Encoded> {
                 .queue_url(&*url)
                 .set_entries(Some(entries))
                 .send()
-                .await;
-            match result {
-                Err(e) => {
-                    let err = map_sdk("SendMessageBatch", &format!("queue {url}"), e);
-                    (0..n).map(|_| Err(replicate(&err))).collect()
-                }
-                Ok(out) => batch_results(
-                    "SendMessageBatch",
-                    n,
-                    out.successful().iter().map(|e| Some(e.id())),
-                    out.failed()
-                        .iter()
-                        .map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
-                ),
-            }
+                .await
+                .map_err(|e| map_sdk("SendMessageBatch", &format!("queue {url}"), e));
+            batch_results(
+                "SendMessageBatch",
+                n,
+                result.as_ref().map(|out| {
+                    let failed = out.failed().iter();
+                    (
+                        out.successful().iter().map(|e| Some(e.id())),
+                        failed.map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
+                    )
+                }),
+            )
         })
     })
 }
 
-/// One result per entry of a batch whose entry ids are their indexes: `Ok` for the
-/// successful ones, the entry's own error for the failed ones, and a transient error for any
-/// the answer does not mention.
-fn batch_results<'a>(
+/// One result per entry of a batch whose entry ids are their indexes: the request's error for
+/// every entry if the request failed; else `Ok` for the successful ones, the entry's own error
+/// for the failed ones, and a transient error for any the answer does not mention.
+fn batch_results<'a, S, F>(
     operation: &'static str,
     n: usize,
-    successful: impl IntoIterator<Item = Option<&'a str>>,
-    failed: impl IntoIterator<Item = (&'a str, &'a str, Option<&'a str>, bool)>,
-) -> Vec<Result<()>> {
+    outcome: std::result::Result<(S, F), &Error>,
+) -> Vec<Result<()>>
+where
+    S: IntoIterator<Item = Option<&'a str>>,
+    F: IntoIterator<Item = (&'a str, &'a str, Option<&'a str>, bool)>,
+{
+    let (successful, failed) = match outcome {
+        Ok(parts) => parts,
+        // The request itself failed: every entry gets its error.
+        Err(err) => return (0..n).map(|_| Err(replicate(err))).collect(),
+    };
     let mut results: Vec<Option<Result<()>>> = (0..n).map(|_| None).collect();
     for id in successful.into_iter().flatten() {
         if let Some(r) = id.parse::<usize>().ok().and_then(|i| results.get_mut(i)) {
@@ -233,21 +239,19 @@ fn sns_publish_flush(client: aws_sdk_sns::Client) -> FlushFn<Encoded> {
                 .topic_arn(&*arn)
                 .set_publish_batch_request_entries(Some(entries))
                 .send()
-                .await;
-            match result {
-                Err(e) => {
-                    let err = map_sdk("PublishBatch", &format!("topic {arn}"), e);
-                    (0..n).map(|_| Err(replicate(&err))).collect()
-                }
-                Ok(out) => batch_results(
-                    "PublishBatch",
-                    n,
-                    out.successful().iter().map(|e| e.id()),
-                    out.failed()
-                        .iter()
-                        .map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
-                ),
-            }
+                .await
+                .map_err(|e| map_sdk("PublishBatch", &format!("topic {arn}"), e));
+            batch_results(
+                "PublishBatch",
+                n,
+                result.as_ref().map(|out| {
+                    let failed = out.failed().iter();
+                    (
+                        out.successful().iter().map(|e| e.id()),
+                        failed.map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
+                    )
+                }),
+            )
         })
     })
 }
@@ -273,21 +277,19 @@ fn delete_flush(client: aws_sdk_sqs::Client) -> FlushFn<String> {
                 .queue_url(&*url)
                 .set_entries(Some(entries))
                 .send()
-                .await;
-            match result {
-                Err(e) => {
-                    let err = map_sdk("DeleteMessageBatch", &format!("queue {url}"), e);
-                    (0..n).map(|_| Err(replicate(&err))).collect()
-                }
-                Ok(out) => batch_results(
-                    "DeleteMessageBatch",
-                    n,
-                    out.successful().iter().map(|e| Some(e.id())),
-                    out.failed()
-                        .iter()
-                        .map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
-                ),
-            }
+                .await
+                .map_err(|e| map_sdk("DeleteMessageBatch", &format!("queue {url}"), e));
+            batch_results(
+                "DeleteMessageBatch",
+                n,
+                result.as_ref().map(|out| {
+                    let failed = out.failed().iter();
+                    (
+                        out.successful().iter().map(|e| Some(e.id())),
+                        failed.map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
+                    )
+                }),
+            )
         })
     })
 }
@@ -314,21 +316,19 @@ fn visibility_flush(client: aws_sdk_sqs::Client) -> FlushFn<(String, i32)> {
                 .queue_url(&*url)
                 .set_entries(Some(entries))
                 .send()
-                .await;
-            match result {
-                Err(e) => {
-                    let err = map_sdk("ChangeMessageVisibilityBatch", &format!("queue {url}"), e);
-                    (0..n).map(|_| Err(replicate(&err))).collect()
-                }
-                Ok(out) => batch_results(
-                    "ChangeMessageVisibilityBatch",
-                    n,
-                    out.successful().iter().map(|e| Some(e.id())),
-                    out.failed()
-                        .iter()
-                        .map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
-                ),
-            }
+                .await
+                .map_err(|e| map_sdk("ChangeMessageVisibilityBatch", &format!("queue {url}"), e));
+            batch_results(
+                "ChangeMessageVisibilityBatch",
+                n,
+                result.as_ref().map(|out| {
+                    let failed = out.failed().iter();
+                    (
+                        out.successful().iter().map(|e| Some(e.id())),
+                        failed.map(|f| (f.id(), f.code(), f.message(), f.sender_fault())),
+                    )
+                }),
+            )
         })
     })
 }
