@@ -134,6 +134,12 @@ impl Message {
         &self.payload
     }
 
+    /// The payload bytes, to replace or re-point them (a backend may move a payload into its
+    /// own buffer; middleware may compress it).
+    pub fn payload_mut(&mut self) -> &mut Bytes {
+        &mut self.payload
+    }
+
     /// All headers.
     pub fn headers(&self) -> &Headers {
         self.extras.as_ref().map_or(&NO_HEADERS, |e| &e.headers)

@@ -1,21 +1,25 @@
 //! Memory backend throughput beside `tokio::sync::mpsc` and omniqueue's in-memory backend,
-//! measured in the same run with 256-byte payloads, printing the ratios. In every end-to-end
-//! case the producer and the consumer are two tasks on a two-worker runtime.
+//! measured in the same run with 256-byte payloads (`BENCH_PAYLOAD` changes the size),
+//! printing the ratios. In every end-to-end case the producer and the consumer are two tasks
+//! on a two-worker runtime.
 //!
 //! Two payload modes, because they stress different things:
-//! - shared: every message carries a clone of one `Bytes` (no copy; Spindle's API takes
-//!   `Bytes`), so the payload's reference count is shared by both threads;
-//! - copied: every message gets a fresh copy of the 256 bytes, as omniqueue's `send_raw(&[u8])`
-//!   always makes, so each payload is allocated on the producer's thread and freed on the
-//!   consumer's, and the allocator's cross-thread frees enter the measurement.
+//! - shared: every message carries a clone of one `Bytes` (Spindle's API takes `Bytes`), so
+//!   the producer allocates no payload;
+//! - copied: every message gets a fresh copy of the payload, as omniqueue's `send_raw(&[u8])`
+//!   always makes, so each payload is allocated on the producer's thread, and whichever thread
+//!   frees it decides whether the allocator's cross-thread frees enter the measurement.
+//!
+//! (The memory backend copies payloads up to 1 KiB into its topic's buffers in both modes.)
 //!
 //! omniqueue's producer never yields to the scheduler (its send is ready at once), so its
 //! producer and consumer mostly take turns on one worker; Spindle's publish yields every 128
 //! calls, as tokio's own channels do, so the two run in parallel. The `omniqueue-coop` row
 //! gives omniqueue's producer the same yields.
 //!
-//! `cargo bench -p spindle-memory --bench throughput`. `BENCH_MESSAGES` (default 1,000,000)
-//! and `BENCH_ROUNDS` (default 5; rounds are interleaved, best kept) change the run;
+//! `cargo bench -p spindle-memory --bench throughput`. `BENCH_MESSAGES` (default 1,000,000),
+//! `BENCH_ROUNDS` (default 5; rounds are interleaved, best kept) and `BENCH_PAYLOAD` (bytes,
+//! default 256) change the run;
 //! `BENCH_RUNTIME=current-thread` runs everything on one thread (per-message cost without
 //! parallelism); `BENCH_CASE=<name>` runs one case once, for profiling (names in `CASES`).
 
@@ -27,7 +31,11 @@ use omniqueue::backends::InMemoryBackend;
 use spindle_core::{Admin, Broker, Message, Publisher, SubscribeOptions, Subscriber};
 use spindle_memory::MemoryBroker;
 
-const PAYLOAD: usize = 256;
+/// Payload size in bytes: `BENCH_PAYLOAD`, default 256 (the issue's figure).
+fn payload_size() -> usize {
+    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| env_number("BENCH_PAYLOAD", 256))
+}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -74,7 +82,7 @@ async fn subscribed_broker() -> (MemoryBroker, spindle_core::Subscription) {
 /// Spindle: publish N (one call each), then receive and ack N.
 async fn spindle_phases(n: usize) -> (Duration, Duration) {
     let (broker, mut sub) = subscribed_broker().await;
-    let p = Bytes::from(vec![0xAB; PAYLOAD]);
+    let p = Bytes::from(vec![0xAB; payload_size()]);
     let start = Instant::now();
     for _ in 0..n {
         broker
@@ -97,7 +105,7 @@ async fn spindle_phases(n: usize) -> (Duration, Duration) {
 /// with `publish_batch`.
 async fn spindle_end_to_end(n: usize, batch: usize, mode: Mode) -> Duration {
     let (broker, mut sub) = subscribed_broker().await;
-    let template = Bytes::from(vec![0xAB; PAYLOAD]);
+    let template = Bytes::from(vec![0xAB; payload_size()]);
     let start = Instant::now();
     let producer = {
         let broker = broker.clone();
@@ -136,7 +144,7 @@ async fn spindle_end_to_end(n: usize, batch: usize, mode: Mode) -> Duration {
 
 async fn mpsc_end_to_end(n: usize, mode: Mode) -> Duration {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(256);
-    let template = Bytes::from(vec![0xAB; PAYLOAD]);
+    let template = Bytes::from(vec![0xAB; payload_size()]);
     let start = Instant::now();
     let producer = tokio::spawn(async move {
         for _ in 0..n {
@@ -155,7 +163,7 @@ async fn mpsc_end_to_end(n: usize, mode: Mode) -> Duration {
 
 async fn omniqueue_end_to_end(n: usize, cooperative: bool) -> Duration {
     let (producer, mut consumer) = InMemoryBackend::builder().build_pair().await.unwrap();
-    let p = vec![0xAB; PAYLOAD];
+    let p = vec![0xAB; payload_size()];
     let start = Instant::now();
     let task = tokio::spawn(async move {
         for _ in 0..n {
@@ -233,8 +241,9 @@ pub fn main() {
         return;
     }
     println!(
-        "memory backend throughput: {n} messages of {PAYLOAD} bytes, {runtime}, \
-         best of {rounds} interleaved rounds"
+        "memory backend throughput: {n} messages of {} bytes, {runtime}, \
+         best of {rounds} interleaved rounds",
+        payload_size()
     );
     // Interleaved, so a slow spell of the machine hits every contender alike.
     let mut best = vec![Duration::MAX; CASES.len()];

@@ -24,6 +24,19 @@ pub(crate) struct Entry {
     pub attempts: u32,
 }
 
+impl Entry {
+    /// This entry with a payload of its own (see [`crate::payload::detach`]), for one that
+    /// will wait out of publish order.
+    fn detached(self) -> Entry {
+        let mut msg = self.msg.into_message();
+        crate::payload::detach(msg.payload_mut());
+        Entry {
+            msg: Published::Owned(msg),
+            attempts: self.attempts,
+        }
+    }
+}
+
 /// A stored message. Going to one group it stays owned until a consumer hands it out: the
 /// shared copy a delivery points to is made then, on the consumer's thread, one at a time, so
 /// its allocation and free stay on that thread and in its allocator cache. (glibc frees a
@@ -395,7 +408,7 @@ impl Group {
             return true;
         }
         match delay {
-            Some(d) if !d.is_zero() => st.push_delayed(Instant::now() + d, entry, true),
+            Some(d) if !d.is_zero() => st.push_delayed(Instant::now() + d, entry.detached(), true),
             _ => {
                 st.push_front(entry);
                 drop(st);
@@ -436,6 +449,7 @@ impl Group {
             return;
         };
         let mut msg = entry.msg.into_message();
+        crate::payload::detach(msg.payload_mut());
         let headers = msg.headers_mut();
         headers.insert(HEADER_DEAD_LETTER_REASON.into(), reason.into());
         headers.insert(HEADER_ATTEMPT.into(), entry.attempts.to_string());

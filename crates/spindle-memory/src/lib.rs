@@ -22,9 +22,16 @@
 //! ```
 //!
 //! URL: `memory://`, options `max_payload_bytes`, `max_delay_ms`, `tick_ms`, `max_depth`.
+//!
+//! Payloads up to 1 KiB are copied into 16 KiB buffers their topic owns, so that the
+//! publisher's allocation is freed on its own thread (with glibc's malloc a free on another
+//! thread costs a contended lock; this doubles end-to-end throughput with a fresh payload per
+//! message). A payload you keep after its delivery is settled keeps its buffer alive: copy it
+//! (`Bytes::copy_from_slice`) to keep it for long. Larger payloads are passed on as they are.
 
 mod consumer;
 mod group;
+mod payload;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
@@ -39,6 +46,7 @@ use spindle_core::{
 
 use consumer::{ConsumerConfig, ConsumerShared, Control};
 use group::{Group, Padded, Published};
+use payload::PayloadBuffer;
 use rustc_hash::FxHashMap as HashMap;
 
 /// The URL schemes this backend answers to.
@@ -116,6 +124,7 @@ impl MemorySettings {
 pub(crate) struct Topic {
     name: Arc<str>,
     groups: Vec<Arc<Group>>,
+    payloads: PayloadBuffer,
 }
 
 type Topics = HashMap<String, Topic>;
@@ -318,19 +327,19 @@ impl MemoryBroker {
         Ok(())
     }
 
-    /// Runs `f` on the topic's groups, under the topic's read lock (no copy on the hot path),
-    /// after checking that each can take `adding` more messages.
+    /// Runs `f` on the topic's groups and payload buffer, under the topic's read lock (the
+    /// group list is not copied on the hot path), after checking that each group can take
+    /// `adding` more messages.
     fn with_groups<T>(
         &self,
         topic: &str,
         adding: usize,
-        f: impl FnOnce(&[Arc<Group>]) -> T,
+        f: impl FnOnce(&[Arc<Group>], &PayloadBuffer) -> T,
     ) -> Result<T> {
         let topics = self.inner.read_topics();
-        let groups = &topics
-            .get(topic)
-            .ok_or_else(|| topic_not_found(topic))?
-            .groups;
+        let Topic {
+            groups, payloads, ..
+        } = topics.get(topic).ok_or_else(|| topic_not_found(topic))?;
         if groups.is_empty() {
             return Err(Error::Unroutable {
                 topic: topic.to_string(),
@@ -343,17 +352,24 @@ impl MemoryBroker {
                 limit,
             });
         }
-        Ok(f(groups))
+        Ok(f(groups, payloads))
     }
 
     fn publish_one(&self, topic: &str, message: Message, options: &PublishOptions) -> Result<()> {
         self.check_publish(&message, options)?;
-        self.with_groups(topic, 1, move |groups| match groups {
-            [g] => g.publish([Published::Owned(message)], options.delay),
-            _ => {
-                let msg = Arc::new(message);
-                for g in groups {
-                    g.publish([Published::Shared(msg.clone())], options.delay);
+        self.with_groups(topic, 1, move |groups, payloads| {
+            let mut message = message;
+            // A delayed message leaves publish order, and would pin its buffer.
+            if options.delay.is_none() {
+                payloads.adopt(message.payload_mut());
+            }
+            match groups {
+                [g] => g.publish([Published::Owned(message)], options.delay),
+                _ => {
+                    let msg = Arc::new(message);
+                    for g in groups {
+                        g.publish([Published::Shared(msg.clone())], options.delay);
+                    }
                 }
             }
         })
@@ -438,12 +454,15 @@ impl Publisher for MemoryBroker {
                 Err(e) => results.push(Err(e)),
             }
         }
-        let routed = self.with_groups(topic, accepted.len(), move |groups| match groups {
-            [g] => g.publish(accepted.into_iter().map(Published::Owned), None),
-            _ => {
-                let shared: Vec<Arc<Message>> = accepted.into_iter().map(Arc::new).collect();
-                for g in groups {
-                    g.publish(shared.iter().cloned().map(Published::Shared), None);
+        let routed = self.with_groups(topic, accepted.len(), move |groups, payloads| {
+            payloads.adopt_all(accepted.iter_mut().map(Message::payload_mut));
+            match groups {
+                [g] => g.publish(accepted.into_iter().map(Published::Owned), None),
+                _ => {
+                    let shared: Vec<Arc<Message>> = accepted.into_iter().map(Arc::new).collect();
+                    for g in groups {
+                        g.publish(shared.iter().cloned().map(Published::Shared), None);
+                    }
                 }
             }
         });
@@ -529,6 +548,7 @@ impl Admin for MemoryBroker {
             .or_insert_with(|| Topic {
                 name: topic.into(),
                 groups: Vec::new(),
+                payloads: PayloadBuffer::default(),
             });
         Ok(())
     }

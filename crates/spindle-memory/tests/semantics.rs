@@ -116,6 +116,51 @@ async fn delayed_nack_of_a_key_holds_back_that_key_only() {
     a2.ack().await.unwrap();
 }
 
+/// Small payloads are copied into a buffer their topic shares among them (so the publisher's
+/// allocation is freed on its own thread); a message that waits out of publish order gets an
+/// allocation of its own back, so it does not keep the rest of that buffer alive.
+#[tokio::test]
+async fn small_payloads_share_a_buffer_until_they_wait_out_of_order() {
+    let (b, mut sub) = subscribed().await;
+    let sent = bytes::Bytes::from(vec![1u8; 64]);
+    b.publish("t", Message::new(sent.clone())).await.unwrap();
+    b.publish("t", Message::new(vec![2u8; 64])).await.unwrap();
+    let large = bytes::Bytes::from(vec![3u8; 64 * 1024]);
+    b.publish("t", Message::new(large.clone())).await.unwrap();
+
+    let first = recv(&mut sub).await;
+    let payload = first.message().payload();
+    assert_eq!(payload, &sent);
+    assert_ne!(payload.as_ptr(), sent.as_ptr(), "a small payload is copied");
+    assert!(!payload.is_unique(), "it shares the topic's buffer");
+    first.nack_after(Duration::from_millis(30)).await.unwrap();
+
+    let second = recv(&mut sub).await;
+    assert_eq!(&second.message().payload()[..], &[2u8; 64][..]);
+    second.dead_letter("bad").await.unwrap();
+    let third = recv(&mut sub).await;
+    assert_eq!(
+        third.message().payload().as_ptr(),
+        large.as_ptr(),
+        "a large payload is passed on as it is"
+    );
+    third.ack().await.unwrap();
+
+    let retried = recv(&mut sub).await;
+    assert_eq!(retried.attempt(), 2);
+    assert_eq!(retried.message().payload(), &sent);
+    assert!(retried.message().payload().is_unique(), "a delayed retry");
+    retried.ack().await.unwrap();
+    let mut dlq = b
+        .subscribe_dead_letters("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let dead = recv(&mut dlq).await;
+    assert_eq!(&dead.message().payload()[..], &[2u8; 64][..]);
+    assert!(dead.message().payload().is_unique(), "a dead letter");
+    dead.ack().await.unwrap();
+}
+
 #[tokio::test]
 async fn purge_releases_a_key_held_by_a_delayed_nack() {
     let (b, mut sub) = subscribed().await;
