@@ -396,6 +396,13 @@ impl Group {
     /// A delivered message comes back: now, after `delay`, or to the dead-letter queue once
     /// the policy's attempts are used up. Returns whether it was dead-lettered.
     pub fn requeue(&self, entry: Entry, delay: Option<Duration>, why: &str) -> bool {
+        let delay = delay.filter(|d| !d.is_zero());
+        // Copied before the lock: it may clone the message.
+        let entry = if delay.is_some() {
+            entry.detached()
+        } else {
+            entry
+        };
         let mut st = self.lock();
         if entry.attempts >= st.policy.max_attempts {
             let freed = st.finish_key(&entry);
@@ -408,8 +415,8 @@ impl Group {
             return true;
         }
         match delay {
-            Some(d) if !d.is_zero() => st.push_delayed(Instant::now() + d, entry.detached(), true),
-            _ => {
+            Some(d) => st.push_delayed(Instant::now() + d, entry, true),
+            None => {
                 st.push_front(entry);
                 drop(st);
                 self.ready_notify.notify_one();

@@ -10,8 +10,12 @@
 //!
 //! One buffer per topic, not per thread: every group of a topic gets the topic's messages in
 //! publish order, so a group's backlog pins buffers full of its own messages rather than one
-//! buffer per retained message. Messages that leave that order for long (delayed, delayed
-//! retries, dead letters) get their own copy back with [`detach`].
+//! buffer per retained message. Messages that may leave that order for long are not copied
+//! (delayed or keyed ones, see `adoptable` in `lib.rs`) or get their own copy back with
+//! [`detach`] (delayed retries, dead letters). What can still pin a buffer per message:
+//! deliveries in flight (at most the prefetch of each consumer), messages put back at the
+//! front by an immediate nack or an expired deadline (they are next in line), and payloads
+//! the application keeps.
 
 use std::sync::Mutex;
 
@@ -98,16 +102,56 @@ mod tests {
     }
 
     #[test]
-    fn a_full_buffer_is_replaced() {
+    fn a_full_buffer_is_replaced_and_nothing_overlaps() {
         let buffer = PayloadBuffer::default();
-        let mut first = Bytes::from(vec![0u8; COPY_MAX]);
-        buffer.adopt(&mut first);
-        for _ in 0..CHUNK / COPY_MAX {
-            let mut p = Bytes::from(vec![9u8; COPY_MAX]);
-            buffer.adopt(&mut p);
-            assert_eq!(&p[..], &[9u8; COPY_MAX][..]);
+        let per_chunk = CHUNK / COPY_MAX;
+        let kept: Vec<Bytes> = (0..=per_chunk)
+            .map(|i| {
+                let mut p = Bytes::from(vec![i as u8; COPY_MAX]);
+                buffer.adopt(&mut p);
+                p
+            })
+            .collect();
+        for (i, p) in kept.iter().enumerate() {
+            assert_eq!(&p[..], &vec![i as u8; COPY_MAX][..], "payload {i}");
         }
-        assert_eq!(&first[..], &[0u8; COPY_MAX][..]);
+        let start = kept[0].as_ptr() as usize;
+        let last_in_first = &kept[per_chunk - 1];
+        assert_eq!(
+            last_in_first.as_ptr() as usize + COPY_MAX,
+            start + CHUNK,
+            "the first buffer is filled to its end"
+        );
+        let next = kept[per_chunk].as_ptr() as usize;
+        assert!(
+            !(start..start + CHUNK).contains(&next),
+            "the payload that did not fit went to a new buffer"
+        );
+    }
+
+    #[test]
+    fn a_batch_shares_one_buffer() {
+        let buffer = PayloadBuffer::default();
+        let mut batch: Vec<Bytes> = (0..4u8).map(|i| Bytes::from(vec![i; 32])).collect();
+        batch.push(Bytes::from(vec![9u8; COPY_MAX + 1]));
+        let big_at = batch[4].as_ptr();
+        buffer.adopt_all(batch.iter_mut());
+        for (i, p) in batch[..4].iter().enumerate() {
+            assert_eq!(&p[..], &[i as u8; 32][..]);
+            assert_eq!(p.as_ptr() as usize, batch[0].as_ptr() as usize + 32 * i);
+        }
+        assert_eq!(batch[4].as_ptr(), big_at, "too large to copy");
+    }
+
+    #[test]
+    fn a_busy_buffer_is_skipped_not_waited_for() {
+        let buffer = PayloadBuffer::default();
+        let held = buffer.free.lock().unwrap();
+        let mut p = Bytes::from(vec![5u8; 10]);
+        let at = p.as_ptr();
+        buffer.adopt(&mut p);
+        assert_eq!(p.as_ptr(), at);
+        drop(held);
     }
 
     #[test]

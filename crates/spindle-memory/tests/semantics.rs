@@ -133,7 +133,8 @@ async fn small_payloads_share_a_buffer_until_they_wait_out_of_order() {
     assert_eq!(payload, &sent);
     assert_ne!(payload.as_ptr(), sent.as_ptr(), "a small payload is copied");
     assert!(!payload.is_unique(), "it shares the topic's buffer");
-    first.nack_after(Duration::from_millis(30)).await.unwrap();
+    // Long enough that the next two deliveries come first even on a busy machine.
+    first.nack_after(Duration::from_millis(500)).await.unwrap();
 
     let second = recv(&mut sub).await;
     assert_eq!(&second.message().payload()[..], &[2u8; 64][..]);
@@ -159,6 +160,27 @@ async fn small_payloads_share_a_buffer_until_they_wait_out_of_order() {
     assert_eq!(&dead.message().payload()[..], &[2u8; 64][..]);
     assert!(dead.message().payload().is_unique(), "a dead letter");
     dead.ack().await.unwrap();
+
+    // Keyed and delayed messages may wait out of order from the start: never copied.
+    let keyed = bytes::Bytes::from(vec![4u8; 64]);
+    b.publish("t", Message::new(keyed.clone()).with_key("k"))
+        .await
+        .unwrap();
+    let got = recv(&mut sub).await;
+    assert_eq!(got.message().payload().as_ptr(), keyed.as_ptr(), "keyed");
+    got.ack().await.unwrap();
+    let delayed = bytes::Bytes::from(vec![5u8; 64]);
+    let options = spindle_core::PublishOptions::delayed(Duration::from_millis(20));
+    b.publish_with("t", Message::new(delayed.clone()), &options)
+        .await
+        .unwrap();
+    let got = recv(&mut sub).await;
+    assert_eq!(
+        got.message().payload().as_ptr(),
+        delayed.as_ptr(),
+        "delayed"
+    );
+    got.ack().await.unwrap();
 }
 
 #[tokio::test]
