@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 use spindle_core::{
     async_trait, Acknowledger, Delivery, Error, Message, Result, SubscribeOptions, Subscription,
@@ -36,6 +38,9 @@ struct Held {
     receipt: String,
     message: Arc<Message>,
     attempt: u32,
+    received: Instant,
+    /// Until when SQS keeps it invisible, as far as this subscription has asked.
+    invisible_until: Instant,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -157,6 +162,7 @@ impl Acknowledger for Acker {
                 max: MAX_VISIBILITY,
             });
         }
+        let asked_at = Instant::now();
         let receipt = match self.held.lock().unwrap().get(&token) {
             Some(h) => h.receipt.clone(),
             None => {
@@ -180,6 +186,9 @@ impl Acknowledger for Acker {
                     e,
                 )
             })?;
+        if let Some(h) = self.held.lock().unwrap().get_mut(&token) {
+            h.invisible_until = asked_at + by;
+        }
         Ok(())
     }
 
@@ -195,6 +204,7 @@ pub(crate) struct SubInner {
     closed: watch::Sender<bool>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<Result<Delivery>>>>,
     task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    heartbeat: tokio::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl SubInner {
@@ -203,6 +213,9 @@ impl SubInner {
     pub(crate) async fn close(&self) {
         self.closed.send_replace(true);
         if let Some(task) = self.task.lock().await.take() {
+            let _ = task.await;
+        }
+        if let Some(task) = self.heartbeat.lock().await.take() {
             let _ = task.await;
         }
         let rx = self.rx.lock().unwrap().take();
@@ -251,6 +264,11 @@ pub(crate) fn start(
     });
     let (tx, rx) = mpsc::unbounded_channel();
     let (closed, closed_rx) = watch::channel(false);
+    let visibility = ceil_secs(options.ack_timeout).max(1);
+    let heartbeat = inner
+        .settings
+        .heartbeat_max
+        .map(|max| tokio::spawn(heartbeat(acker.clone(), visibility, max, closed_rx.clone())));
     let loop_state = ReceiveLoop {
         inner: inner.clone(),
         acker,
@@ -260,7 +278,7 @@ pub(crate) fn start(
         dead_letters,
         prefetch: Arc::new(Semaphore::new(options.prefetch)),
         prefetch_total: options.prefetch,
-        visibility: ceil_secs(options.ack_timeout).max(1),
+        visibility,
         next_token: AtomicU64::new(1),
     };
     let task = tokio::spawn(loop_state.run(tx, closed_rx));
@@ -268,6 +286,7 @@ pub(crate) fn start(
         closed,
         rx: Mutex::new(Some(rx)),
         task: tokio::sync::Mutex::new(Some(task)),
+        heartbeat: tokio::sync::Mutex::new(heartbeat),
     });
     inner.register(&sub);
     let state = sub.clone();
@@ -282,6 +301,55 @@ pub(crate) fn start(
         }
     });
     Subscription::new(Box::pin(stream), Control(sub))
+}
+
+/// Every half visibility timeout, extends the visibility of each delivery this subscription
+/// holds (fetched or being handled) by one visibility timeout, until `max` after its receipt;
+/// after that it is left to come back. Stops when the subscription closes or the broker
+/// shuts down.
+async fn heartbeat(
+    acker: Arc<Acker>,
+    visibility_secs: i32,
+    max: Duration,
+    mut closed: watch::Receiver<bool>,
+) {
+    let visibility = Duration::from_secs(visibility_secs as u64);
+    let mut ticks = tokio::time::interval(visibility / 2);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {},
+            _ = closed.wait_for(|c| *c) => return,
+        }
+        let now = Instant::now();
+        let due: Vec<(String, i32)> = acker
+            .held
+            .lock()
+            .unwrap()
+            .values_mut()
+            .filter_map(|h| {
+                let left = max.checked_sub(now.duration_since(h.received))?;
+                let until = now + left.min(visibility);
+                // Never shortens an `extend` that reaches further.
+                if left.is_zero() || h.invisible_until >= until {
+                    return None;
+                }
+                h.invisible_until = until;
+                Some((h.receipt.clone(), ceil_secs(until - now)))
+            })
+            .collect();
+        for item in due {
+            // Settled meanwhile: SQS refuses the change, and the batcher logs it.
+            if !acker
+                .inner
+                .visibility
+                .submit_detached(acker.queue_url.clone(), item, 0)
+            {
+                return; // the broker shut down
+            }
+        }
+    }
 }
 
 /// How long a receive waits for more prefetch room before asking for fewer than 10.
@@ -410,6 +478,9 @@ impl ReceiveLoop {
                         receipt: receipt.to_string(),
                         message: message.clone(),
                         attempt: count,
+                        received: Instant::now(),
+                        invisible_until: Instant::now()
+                            + Duration::from_secs(self.visibility as u64),
                         _permit: permit,
                     },
                 );

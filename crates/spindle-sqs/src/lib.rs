@@ -33,6 +33,11 @@
 //! - nack: `ChangeMessageVisibility` to 0, or to the delay (whole seconds rounded up, at most
 //!   12 h). A dropped delivery is made visible again the same way, in the background.
 //! - extend: `ChangeMessageVisibility` to `by` (rounded up).
+//! - heartbeat (option `heartbeat_max_secs`, off by default, at most 43,200): for long
+//!   handlers, every half visibility timeout the subscription extends each delivery it holds
+//!   by one visibility timeout (`ChangeMessageVisibilityBatch`), until `heartbeat_max_secs`
+//!   after its receipt; then the delivery is left to come back, so a stuck handler cannot
+//!   hold a message for ever. It stops when the subscription closes.
 //! - dead-letter: a redrive policy with `maxReceiveCount = max_attempts` sends a message to
 //!   the dead-letter queue on its next receive after the last attempt; `dead_letter(reason)`
 //!   sends a copy with the reason headers to the dead-letter queue, then deletes the
@@ -73,7 +78,7 @@
 //!
 //! Options: `mode`, `region`, `endpoint`, `access_key_id`, `secret_access_key`,
 //! `session_token`, `timeout_ms`, `connect_timeout_ms`, `wait_time_secs`,
-//! `publish_linger_ms`, `ack_linger_ms`. Unknown options are rejected.
+//! `publish_linger_ms`, `ack_linger_ms`, `heartbeat_max_secs`. Unknown options are rejected.
 
 #![warn(missing_docs)]
 

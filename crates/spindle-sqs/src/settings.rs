@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use spindle_core::{Config, Error, Result};
 
+use crate::broker::MAX_VISIBILITY;
+
 /// How topics and groups map onto SQS and SNS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -27,6 +29,9 @@ pub(crate) struct Settings {
     pub wait_time_secs: i32,
     pub publish_linger: Duration,
     pub ack_linger: Duration,
+    /// Keep unsettled deliveries invisible for up to this long after their receipt, by
+    /// extending their visibility in the background (`heartbeat_max_secs`; off when absent).
+    pub heartbeat_max: Option<Duration>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -43,6 +48,7 @@ impl std::fmt::Debug for Settings {
             .field("session_token", &self.session_token.as_ref().map(|_| "***"))
             .field("timeout", &self.timeout)
             .field("wait_time_secs", &self.wait_time_secs)
+            .field("heartbeat_max", &self.heartbeat_max)
             .finish_non_exhaustive()
     }
 }
@@ -115,6 +121,17 @@ impl Settings {
                 "sqs: option `ack_linger_ms` is at most 100".into(),
             ));
         }
+        let heartbeat_max = match o.parse::<u64>("heartbeat_max_secs")? {
+            None | Some(0) => None,
+            Some(secs) if Duration::from_secs(secs) > MAX_VISIBILITY => {
+                return Err(Error::InvalidConfig(format!(
+                    "sqs: option `heartbeat_max_secs` is at most {} (SQS keeps a message \
+                     invisible for at most 12 hours after its receipt)",
+                    MAX_VISIBILITY.as_secs()
+                )))
+            }
+            Some(secs) => Some(Duration::from_secs(secs)),
+        };
         o.finish()?;
         Ok(Settings {
             mode,
@@ -128,6 +145,7 @@ impl Settings {
             wait_time_secs,
             publish_linger,
             ack_linger,
+            heartbeat_max,
         })
     }
 }
