@@ -57,6 +57,11 @@ struct Acker {
     group: Arc<str>,
     fifo: bool,
     held: Mutex<HashMap<u64, Held>>,
+    /// Held by the heartbeat while its extensions are sent, and by `extend` and `nack` around
+    /// theirs: the batcher does not keep order, and a stale extension must not cut a longer
+    /// `extend` or a nack's delay short. (`release` does not wait for it: at worst a released
+    /// message comes back one visibility timeout later.)
+    visibility_gate: tokio::sync::Mutex<()>,
 }
 
 impl Acker {
@@ -118,6 +123,7 @@ impl Acknowledger for Acker {
     }
 
     async fn nack(&self, token: u64, delay: Option<Duration>) -> Result<()> {
+        let _gate = self.visibility_gate.lock().await;
         let held = self.take(token)?;
         if let (Some(max), Some(dlq_url)) = (self.max_attempts, self.dlq_url.clone()) {
             if held.attempt >= max {
@@ -162,6 +168,7 @@ impl Acknowledger for Acker {
                 max: MAX_VISIBILITY,
             });
         }
+        let _gate = self.visibility_gate.lock().await;
         let asked_at = Instant::now();
         let receipt = match self.held.lock().unwrap().get(&token) {
             Some(h) => h.receipt.clone(),
@@ -186,6 +193,7 @@ impl Acknowledger for Acker {
                     e,
                 )
             })?;
+        // Still under the gate, so the heartbeat's next round sees it.
         if let Some(h) = self.held.lock().unwrap().get_mut(&token) {
             h.invisible_until = asked_at + by;
         }
@@ -261,6 +269,7 @@ pub(crate) fn start(
         group: group.into(),
         fifo,
         held: Mutex::new(HashMap::new()),
+        visibility_gate: tokio::sync::Mutex::new(()),
     });
     let (tx, rx) = mpsc::unbounded_channel();
     let (closed, closed_rx) = watch::channel(false);
@@ -303,10 +312,10 @@ pub(crate) fn start(
     Subscription::new(Box::pin(stream), Control(sub))
 }
 
-/// Every half visibility timeout, extends the visibility of each delivery this subscription
-/// holds (fetched or being handled) by one visibility timeout, until `max` after its receipt;
-/// after that it is left to come back. Stops when the subscription closes or the broker
-/// shuts down.
+/// Every third of a visibility timeout, extends the visibility of each delivery this
+/// subscription holds (fetched or being handled) to one visibility timeout from now, until
+/// `max` after its receipt; after that it is left to come back. Stops when the subscription
+/// closes or the broker shuts down.
 async fn heartbeat(
     acker: Arc<Acker>,
     visibility_secs: i32,
@@ -314,7 +323,8 @@ async fn heartbeat(
     mut closed: watch::Receiver<bool>,
 ) {
     let visibility = Duration::from_secs(visibility_secs as u64);
-    let mut ticks = tokio::time::interval(visibility / 2);
+    // A third: one failed or late round still leaves another before the deadline.
+    let mut ticks = tokio::time::interval(visibility / 3);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate
     loop {
@@ -322,31 +332,47 @@ async fn heartbeat(
             _ = ticks.tick() => {},
             _ = closed.wait_for(|c| *c) => return,
         }
+        let _gate = acker.visibility_gate.lock().await;
         let now = Instant::now();
-        let due: Vec<(String, i32)> = acker
+        let due: Vec<(u64, String, Instant)> = acker
             .held
             .lock()
             .unwrap()
-            .values_mut()
-            .filter_map(|h| {
+            .iter()
+            .filter_map(|(token, h)| {
                 let left = max.checked_sub(now.duration_since(h.received))?;
-                let until = now + left.min(visibility);
+                // Whole seconds, rounded down on the last step so as not to pass `max`
+                // (SQS refuses to pass 12 hours from the receipt).
+                let secs = if left >= visibility {
+                    visibility_secs
+                } else {
+                    left.as_secs() as i32
+                };
+                let until = now + Duration::from_secs(secs as u64);
                 // Never shortens an `extend` that reaches further.
-                if left.is_zero() || h.invisible_until >= until {
-                    return None;
-                }
-                h.invisible_until = until;
-                Some((h.receipt.clone(), ceil_secs(until - now)))
+                (secs > 0 && h.invisible_until < until).then(|| (*token, h.receipt.clone(), until))
             })
             .collect();
-        for item in due {
-            // Settled meanwhile: SQS refuses the change, and the batcher logs it.
-            if !acker
+        let sent = due.iter().map(|(_, receipt, until)| {
+            let secs = ceil_secs(until.saturating_duration_since(now));
+            acker
                 .inner
                 .visibility
-                .submit_detached(acker.queue_url.clone(), item, 0)
-            {
-                return; // the broker shut down
+                .submit(acker.queue_url.clone(), (receipt.clone(), secs), 0)
+        });
+        let results = futures::future::join_all(sent).await;
+        let mut held = acker.held.lock().unwrap();
+        for ((token, _, until), result) in due.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    if let Some(h) = held.get_mut(&token) {
+                        h.invisible_until = h.invisible_until.max(until);
+                    }
+                }
+                // Settled meanwhile (SQS refuses a change to a deleted message), or a failure
+                // the next round retries.
+                Err(Error::Closed(_)) => return, // the broker shut down
+                Err(e) => tracing::debug!(error = %e, "heartbeat extension not applied"),
             }
         }
     }
@@ -405,6 +431,8 @@ impl ReceiveLoop {
                     }
                 }
             }
+            // Before the call: SQS counts its 12-hour limit from its own receipt.
+            let asked_at = Instant::now();
             let result = self
                 .inner
                 .sqs
@@ -478,9 +506,8 @@ impl ReceiveLoop {
                         receipt: receipt.to_string(),
                         message: message.clone(),
                         attempt: count,
-                        received: Instant::now(),
-                        invisible_until: Instant::now()
-                            + Duration::from_secs(self.visibility as u64),
+                        received: asked_at,
+                        invisible_until: asked_at + Duration::from_secs(self.visibility as u64),
                         _permit: permit,
                     },
                 );

@@ -33,11 +33,15 @@
 //! - nack: `ChangeMessageVisibility` to 0, or to the delay (whole seconds rounded up, at most
 //!   12 h). A dropped delivery is made visible again the same way, in the background.
 //! - extend: `ChangeMessageVisibility` to `by` (rounded up).
-//! - heartbeat (option `heartbeat_max_secs`, off by default, at most 43,200): for long
-//!   handlers, every half visibility timeout the subscription extends each delivery it holds
-//!   by one visibility timeout (`ChangeMessageVisibilityBatch`), until `heartbeat_max_secs`
-//!   after its receipt; then the delivery is left to come back, so a stuck handler cannot
-//!   hold a message for ever. It stops when the subscription closes.
+//! - heartbeat (option `heartbeat_max_secs`; absent or 0 is off, at most 43,200): for long
+//!   handlers, every third of the subscription's visibility timeout (its `ack_timeout`) the
+//!   subscription extends each delivery it holds to one visibility timeout from then
+//!   (`ChangeMessageVisibilityBatch`), until `heartbeat_max_secs` after its receipt; then the
+//!   delivery is left to come back, so a stuck handler cannot hold a message for ever (a
+//!   maximum below the visibility timeout has no effect). It never shortens a longer
+//!   `extend` or a nack's delay. It stops when the subscription is closed or dropped, or the
+//!   broker shuts down: a delivery still being handled then comes back after its visibility
+//!   timeout.
 //! - dead-letter: a redrive policy with `maxReceiveCount = max_attempts` sends a message to
 //!   the dead-letter queue on its next receive after the last attempt; `dead_letter(reason)`
 //!   sends a copy with the reason headers to the dead-letter queue, then deletes the

@@ -1,6 +1,6 @@
 //! The heartbeat (`heartbeat_max_secs`): a delivery held past its visibility timeout stays
 //! invisible to other consumers while the heartbeat extends it, up to the configured maximum;
-//! then it comes back.
+//! then it comes back. A longer `extend` is not cut short by it.
 
 mod common;
 
@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 use spindle_core::{
     Admin, Broker, Error, GroupPolicy, Message, Publisher, SubscribeOptions, Subscriber,
 };
+
+/// The visibility timeout (the subscriptions' ack timeout) and the heartbeat's maximum.
+const VISIBILITY: Duration = Duration::from_secs(3);
+const MAX: Duration = Duration::from_secs(9);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeat_keeps_a_long_handler_s_message_until_its_maximum() {
@@ -19,12 +23,11 @@ async fn heartbeat_keeps_a_long_handler_s_message_until_its_maximum() {
         let run = uuid::Uuid::new_v4().simple().to_string();
         let topic = format!("sp-heartbeat-{}", &run[..8]);
         let group = format!("g-{}", &run[..8]);
-        // Visibility 2 s; the heartbeat keeps a held delivery invisible for 6 s.
-        let options = SubscribeOptions::default().with_ack_timeout(Duration::from_secs(2));
+        let options = SubscribeOptions::default().with_ack_timeout(VISIBILITY);
         let beating = spindle_sqs::connect(
             &spindle_core::Config::parse(&common::url(mode))
                 .unwrap()
-                .with_option("heartbeat_max_secs", "6"),
+                .with_option("heartbeat_max_secs", MAX.as_secs().to_string()),
         )
         .await
         .expect("connect");
@@ -33,35 +36,50 @@ async fn heartbeat_keeps_a_long_handler_s_message_until_its_maximum() {
             .ensure_group(&topic, &group, &GroupPolicy::default())
             .await
             .unwrap();
-        // Prefetch 1: while it holds the message, this subscription cannot take it again.
+        // Prefetch 2: while it holds both messages, this subscription cannot take one again.
         let mut held_sub = beating
-            .subscribe(&topic, &group, options.clone().with_prefetch(1))
+            .subscribe(&topic, &group, options.clone().with_prefetch(2))
             .await
             .unwrap();
-        beating
-            .publish(&topic, Message::new("long work").with_id("job-1"))
-            .await
-            .unwrap();
-        let held = tokio::time::timeout(Duration::from_secs(15), held_sub.next_delivery())
-            .await
-            .expect("a delivery")
-            .expect("stream open")
-            .expect("no error");
+        for id in ["job-1", "job-2"] {
+            beating
+                .publish(&topic, Message::new("long work").with_id(id))
+                .await
+                .unwrap();
+        }
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let d = tokio::time::timeout(Duration::from_secs(15), held_sub.next_delivery())
+                .await
+                .expect("a delivery")
+                .expect("stream open")
+                .expect("no error");
+            held.push(d);
+        }
         let received_at = Instant::now();
+        // job-2's handler asks for longer than the heartbeat's maximum.
+        let extended = held
+            .iter()
+            .position(|d| d.message().id() == "job-2")
+            .unwrap();
+        held[extended]
+            .extend(MAX + Duration::from_secs(10))
+            .await
+            .unwrap();
 
-        // Another consumer of the group, without a heartbeat, polls meanwhile.
+        // Another consumer of the group, without a heartbeat, polls meanwhile: nothing for
+        // twice the visibility timeout, then job-1 once the maximum has passed.
         let other = common::broker(mode).await.expect("connect");
         let mut other_sub = other
             .subscribe(&topic, &group, options.clone())
             .await
             .unwrap();
-        let early = tokio::time::timeout(Duration::from_secs(4), other_sub.next_delivery()).await;
+        let early = tokio::time::timeout(VISIBILITY * 2, other_sub.next_delivery()).await;
         assert!(
             early.is_err(),
-            "{mode}: the held message came back after {:?}, though the heartbeat extends it",
+            "{mode}: a held message came back after {:?}, though the heartbeat extends it",
             received_at.elapsed()
         );
-        // Past the heartbeat's maximum it is left to come back.
         let again = tokio::time::timeout(Duration::from_secs(15), other_sub.next_delivery())
             .await
             .expect("redelivered once the heartbeat's maximum has passed")
@@ -69,12 +87,21 @@ async fn heartbeat_keeps_a_long_handler_s_message_until_its_maximum() {
             .expect("no error");
         let waited = received_at.elapsed();
         assert!(
-            waited >= Duration::from_secs(6),
-            "{mode}: came back after {waited:?}, before the heartbeat's maximum of 6 s"
+            waited >= MAX - Duration::from_secs(1)
+                && waited <= MAX + VISIBILITY + Duration::from_secs(2),
+            "{mode}: came back after {waited:?}; the heartbeat's maximum is {MAX:?}"
         );
         assert_eq!(again.message().id(), "job-1");
         assert_eq!(again.attempt(), 2);
         again.ack().await.unwrap();
+        // job-2 is still extended: nothing more for a while.
+        let more = tokio::time::timeout(VISIBILITY, other_sub.next_delivery()).await;
+        assert!(
+            more.is_err(),
+            "{mode}: the extended message came back after {:?}",
+            received_at.elapsed()
+        );
+        held.remove(extended).ack().await.unwrap();
         drop(held);
         drop(held_sub);
         other.shutdown().await.unwrap();
