@@ -15,8 +15,7 @@ async fn fifo_topic_keeps_key_order_and_dedups_ids() {
         return;
     }
     let broker = common::broker("queue").await.expect("connect");
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let topic = format!("sp-fifo-{}.fifo", &run[..8]);
+    let topic = format!("{}.fifo", common::unique("sp-fifo"));
     broker.ensure_topic(&topic).await.unwrap();
     broker
         .ensure_group(&topic, "g", &GroupPolicy::default())
@@ -56,11 +55,7 @@ async fn fifo_topic_keeps_key_order_and_dedups_ids() {
         .await
         .unwrap();
     for i in 0..5 {
-        let d = tokio::time::timeout(Duration::from_secs(15), sub.next_delivery())
-            .await
-            .expect("delivery")
-            .unwrap()
-            .unwrap();
+        let d = common::next(&mut sub).await;
         assert_eq!(d.message().id(), format!("m{i}"), "in key order");
         assert_eq!(d.message().key(), Some("order-1"));
         d.ack().await.unwrap();

@@ -20,9 +20,8 @@ async fn heartbeat_keeps_a_long_handler_s_message_until_its_maximum() {
         return;
     }
     for mode in ["queue", "fanout"] {
-        let run = uuid::Uuid::new_v4().simple().to_string();
-        let topic = format!("sp-heartbeat-{}", &run[..8]);
-        let group = format!("g-{}", &run[..8]);
+        let topic = common::unique("sp-heartbeat");
+        let group = common::unique("g");
         let options = SubscribeOptions::default().with_ack_timeout(VISIBILITY);
         let beating = spindle_sqs::connect(
             &spindle_core::Config::parse(&common::url(mode))
@@ -49,12 +48,7 @@ async fn heartbeat_keeps_a_long_handler_s_message_until_its_maximum() {
         }
         let mut held = Vec::new();
         for _ in 0..2 {
-            let d = tokio::time::timeout(Duration::from_secs(15), held_sub.next_delivery())
-                .await
-                .expect("a delivery")
-                .expect("stream open")
-                .expect("no error");
-            held.push(d);
+            held.push(common::next(&mut held_sub).await);
         }
         let received_at = Instant::now();
         // job-2's handler asks for longer than the heartbeat's maximum.
@@ -80,11 +74,7 @@ async fn heartbeat_keeps_a_long_handler_s_message_until_its_maximum() {
             "{mode}: a held message came back after {:?}, though the heartbeat extends it",
             received_at.elapsed()
         );
-        let again = tokio::time::timeout(Duration::from_secs(15), other_sub.next_delivery())
-            .await
-            .expect("redelivered once the heartbeat's maximum has passed")
-            .expect("stream open")
-            .expect("no error");
+        let again = common::next(&mut other_sub).await;
         let waited = received_at.elapsed();
         assert!(
             waited >= MAX - Duration::from_secs(1)

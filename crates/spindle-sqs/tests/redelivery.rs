@@ -13,9 +13,8 @@ async fn unacked_message_returns_after_visibility_timeout() {
         return;
     }
     for mode in ["queue", "fanout"] {
-        let run = uuid::Uuid::new_v4().simple().to_string();
-        let topic = format!("sp-redelivery-{}", &run[..8]);
-        let group = format!("g-{}", &run[..8]);
+        let topic = common::unique("sp-redelivery");
+        let group = common::unique("g");
         let ack_timeout = Duration::from_secs(2);
         let options = SubscribeOptions::default().with_ack_timeout(ack_timeout);
 
@@ -35,11 +34,7 @@ async fn unacked_message_returns_after_visibility_timeout() {
             .publish(&topic, Message::new("work").with_id("job-1"))
             .await
             .unwrap();
-        let delivery = tokio::time::timeout(Duration::from_secs(15), sub.next_delivery())
-            .await
-            .expect("a delivery")
-            .expect("stream open")
-            .expect("no error");
+        let delivery = common::next(&mut sub).await;
         let received_at = Instant::now();
         assert_eq!(delivery.attempt(), 1);
         std::mem::forget(delivery); // a crash: no ack, no nack, no release
@@ -52,11 +47,7 @@ async fn unacked_message_returns_after_visibility_timeout() {
             .subscribe(&topic, &group, options.clone())
             .await
             .unwrap();
-        let again = tokio::time::timeout(Duration::from_secs(15), sub.next_delivery())
-            .await
-            .expect("redelivered within 15 s")
-            .expect("stream open")
-            .expect("no error");
+        let again = common::next(&mut sub).await;
         let waited = received_at.elapsed();
         assert!(
             waited + Duration::from_millis(100) >= ack_timeout,

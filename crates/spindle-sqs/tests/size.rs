@@ -15,8 +15,7 @@ async fn payload_plus_attributes_over_one_mib_is_rejected() {
         return;
     }
     let broker = common::broker("queue").await.expect("connect");
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let topic = format!("sp-size-{}", &run[..8]);
+    let topic = common::unique("sp-size");
     let group = "g";
     broker.ensure_topic(&topic).await.unwrap();
     broker
@@ -60,11 +59,7 @@ async fn payload_plus_attributes_over_one_mib_is_rejected() {
         .subscribe(&topic, group, SubscribeOptions::default())
         .await
         .unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(15), sub.next_delivery())
-        .await
-        .expect("delivered")
-        .unwrap()
-        .unwrap();
+    let d = common::next(&mut sub).await;
     assert_eq!(d.message().id(), "fits", "nothing rejected was sent");
     assert_eq!(d.message().payload().len(), payload.len());
     d.ack().await.unwrap();

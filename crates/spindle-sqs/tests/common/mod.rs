@@ -50,3 +50,18 @@ pub async fn moto_available(test: &str) -> bool {
     eprintln!("SKIPPED {test}: moto is not reachable at {MOTO} (run scripts/start-moto.sh; this fails under CI=true)");
     false
 }
+
+/// A name no other run uses: `prefix-<8 hex digits>`.
+pub fn unique(prefix: &str) -> String {
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}", &run[..8])
+}
+
+/// The subscription's next delivery; panics if none comes within 15 s or it is an error.
+pub async fn next(sub: &mut spindle_core::Subscription) -> spindle_core::Delivery {
+    tokio::time::timeout(Duration::from_secs(15), sub.next_delivery())
+        .await
+        .expect("a delivery within 15 s")
+        .expect("stream open")
+        .expect("no error")
+}
