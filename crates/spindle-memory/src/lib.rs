@@ -225,6 +225,13 @@ impl Inner {
             .collect()
     }
 
+    /// Lets idle topics' payload buffers go (see [`PayloadBuffer::release_if_idle`]).
+    fn release_idle_payload_buffers(&self) {
+        for topic in self.read_topics().values() {
+            topic.payloads.release_if_idle();
+        }
+    }
+
     fn stop_sweeper(&self) {
         let (lock, cvar) = &*self.sweeper_stop;
         *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
@@ -403,9 +410,11 @@ fn adoptable(message: &Message, options: &PublishOptions) -> bool {
     options.delay.is_none() && message.key().is_none()
 }
 
-/// The sweeper: fires due delays and expired ack deadlines until told to stop.
+/// The sweeper: fires due delays and expired ack deadlines, and lets idle payload buffers go,
+/// until told to stop.
 fn sweep(inner: Weak<Inner>, stop: Arc<(Mutex<bool>, Condvar)>, tick: Duration) {
     let (lock, cvar) = &*stop;
+    let mut next_idle_check = Instant::now() + IDLE_CHECK;
     loop {
         {
             // The lock is not held while sweeping: `Inner::drop` may run on this thread.
@@ -423,8 +432,15 @@ fn sweep(inner: Weak<Inner>, stop: Arc<(Mutex<bool>, Condvar)>, tick: Duration) 
         for group in inner.all_groups() {
             group.tick(now);
         }
+        if now >= next_idle_check {
+            inner.release_idle_payload_buffers();
+            next_idle_check = now + IDLE_CHECK;
+        }
     }
 }
+
+/// How often the sweeper lets idle topics' payload buffers go.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 impl PublishNow for MemoryBroker {
     fn publish_now(&self, topic: &str, message: Message) -> Result<()> {

@@ -15,7 +15,8 @@
 //! [`detach`] (delayed retries, dead letters). What can still pin a buffer per message:
 //! deliveries in flight (at most the prefetch of each consumer), messages put back at the
 //! front by an immediate nack or an expired deadline (they are next in line), and payloads
-//! the application keeps.
+//! the application keeps. A topic no one published to for a second lets its buffer go (the
+//! sweeper checks), so idle topics cost no buffer.
 
 use std::sync::Mutex;
 
@@ -31,7 +32,15 @@ pub(crate) const CHUNK: usize = 16 * 1024;
 /// A topic's buffer for small payloads.
 #[derive(Default)]
 pub(crate) struct PayloadBuffer {
-    free: Mutex<BytesMut>,
+    free: Mutex<Spare>,
+}
+
+/// The unused end of the current buffer (it keeps the whole buffer allocated), and whether a
+/// publish used it since the last idle check.
+#[derive(Default)]
+struct Spare {
+    buf: BytesMut,
+    used: bool,
 }
 
 impl PayloadBuffer {
@@ -47,9 +56,11 @@ impl PayloadBuffer {
         if payloads.peek().is_none() {
             return;
         }
-        let Ok(mut free) = self.free.try_lock() else {
+        let Ok(mut spare) = self.free.try_lock() else {
             return;
         };
+        spare.used = true;
+        let free = &mut spare.buf;
         for payload in payloads {
             if free.capacity() < payload.len() {
                 *free = BytesMut::with_capacity(CHUNK);
@@ -57,6 +68,20 @@ impl PayloadBuffer {
             free.extend_from_slice(payload);
             *payload = free.split().freeze();
         }
+    }
+
+    /// Lets go of the buffer if no publish used it since the last call, so an idle topic
+    /// keeps no buffer alive (the sweeper calls this about once a second). Returns whether it
+    /// did.
+    pub fn release_if_idle(&self) -> bool {
+        let Ok(mut spare) = self.free.try_lock() else {
+            return false; // in use right now
+        };
+        let idle = !std::mem::take(&mut spare.used) && spare.buf.capacity() > 0;
+        if idle {
+            spare.buf = BytesMut::new();
+        }
+        idle
     }
 }
 
@@ -152,6 +177,21 @@ mod tests {
         buffer.adopt(&mut p);
         assert_eq!(p.as_ptr(), at);
         drop(held);
+    }
+
+    #[test]
+    fn an_idle_buffer_is_let_go() {
+        let buffer = PayloadBuffer::default();
+        assert!(!buffer.release_if_idle(), "nothing to let go");
+        let mut a = Bytes::from(vec![1u8; 10]);
+        buffer.adopt(&mut a);
+        assert!(!buffer.release_if_idle(), "used since the last check");
+        assert!(buffer.release_if_idle(), "idle since the last check");
+        assert_eq!(buffer.free.lock().unwrap().buf.capacity(), 0);
+        assert_eq!(&a[..], &[1u8; 10][..], "payloads keep their bytes");
+        let mut b = Bytes::from(vec![2u8; 10]);
+        buffer.adopt(&mut b);
+        assert_eq!(&b[..], &[2u8; 10][..], "a new buffer after");
     }
 
     #[test]

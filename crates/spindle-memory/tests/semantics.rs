@@ -153,6 +153,28 @@ async fn small_payloads_share_a_buffer_until_they_wait_out_of_order() {
     dead.ack().await.unwrap();
 }
 
+/// A topic that no one publishes to lets its payload buffer go: the next small payload lands
+/// in a new buffer, not next to the last one.
+#[tokio::test]
+async fn an_idle_topic_lets_its_payload_buffer_go() {
+    let (b, mut sub) = subscribed().await;
+    let mut received = Vec::new();
+    for pause in [Duration::ZERO, Duration::from_millis(2500)] {
+        tokio::time::sleep(pause).await;
+        b.publish("t", Message::new(vec![7u8; 16])).await.unwrap();
+        let d = recv(&mut sub).await;
+        received.push(d.message().payload().clone());
+        d.ack().await.unwrap();
+    }
+    b.publish("t", Message::new(vec![8u8; 16])).await.unwrap();
+    let d = recv(&mut sub).await;
+    received.push(d.message().payload().clone());
+    d.ack().await.unwrap();
+    let at = |i: usize| received[i].as_ptr() as usize;
+    assert_ne!(at(0) + 16, at(1), "after a pause the buffer was let go");
+    assert_eq!(at(1) + 16, at(2), "without a pause the buffer is kept");
+}
+
 /// Large payloads, and those of messages that may wait out of order from the start (keyed,
 /// delayed), are delivered as published: never copied.
 #[tokio::test]
