@@ -23,7 +23,7 @@
 //!
 //! URL: `memory://`, options `max_payload_bytes`, `max_delay_ms`, `tick_ms`, `max_depth`.
 //!
-//! Payloads up to 1 KiB of messages without a key or a delay are copied into 16 KiB buffers
+//! Payloads up to 1 KiB of messages without a key or a delay are copied into 64 KiB buffers
 //! their topic owns (unless another publisher is copying into that topic's buffer at that
 //! moment), so that the publisher's allocation is freed on its own thread. With glibc's
 //! malloc a free on another thread costs a contended lock, and this copy more than doubles

@@ -26,8 +26,10 @@ use bytes::{Bytes, BytesMut};
 /// would cost more than the allocator's lock).
 pub(crate) const COPY_MAX: usize = 1024;
 
-/// Size of one shared buffer: 16 or more payloads share one allocation.
-pub(crate) const CHUNK: usize = 16 * 1024;
+/// Size of one shared buffer: 64 or more payloads share one allocation. (16 KiB was measured
+/// too: the consumer's frees of whole buffers still met the publisher on glibc's arena lock,
+/// and `publish_batch` ran about 15% slower.)
+pub(crate) const CHUNK: usize = 64 * 1024;
 
 /// A topic's buffer for small payloads.
 #[derive(Default)]
