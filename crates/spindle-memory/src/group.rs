@@ -455,11 +455,11 @@ impl Group {
             // explicit dead-letter there, so nothing reaches this.
             return;
         };
-        let mut msg = entry.msg.into_message();
-        crate::payload::detach(msg.payload_mut());
+        let Entry { msg, attempts } = entry.detached();
+        let mut msg = msg.into_message();
         let headers = msg.headers_mut();
         headers.insert(HEADER_DEAD_LETTER_REASON.into(), reason.into());
-        headers.insert(HEADER_ATTEMPT.into(), entry.attempts.to_string());
+        headers.insert(HEADER_ATTEMPT.into(), attempts.to_string());
         headers.insert(HEADER_ORIGINAL_TOPIC.into(), self.topic.to_string());
         dlq.publish([Published::Owned(msg)], None);
     }

@@ -370,9 +370,7 @@ impl MemoryBroker {
         self.check_publish(&message, options)?;
         self.with_groups(topic, 1, move |groups, payloads| {
             let mut message = message;
-            if adoptable(&message, options) {
-                payloads.adopt(message.payload_mut());
-            }
+            payloads.adopt_messages([&mut message], options.delay.is_some());
             match groups {
                 [g] => g.publish([Published::Owned(message)], options.delay),
                 _ => {
@@ -400,14 +398,6 @@ impl MemoryBroker {
         );
         Subscription::new(consumer.clone().into_stream(), Control(consumer))
     }
-}
-
-/// Whether a message's payload may move into its topic's buffer: only one that will be
-/// consumed in publish order. A delayed message waits past later ones, and a keyed one may wait
-/// behind an earlier message of its key for as long as that one is delayed or held; either
-/// would keep a whole buffer alive.
-fn adoptable(message: &Message, options: &PublishOptions) -> bool {
-    options.delay.is_none() && message.key().is_none()
 }
 
 /// The sweeper: fires due delays and expired ack deadlines, and lets idle payload buffers go,
@@ -482,12 +472,7 @@ impl Publisher for MemoryBroker {
             }
         }
         let routed = self.with_groups(topic, accepted.len(), move |groups, payloads| {
-            payloads.adopt_all(
-                accepted
-                    .iter_mut()
-                    .filter(|m| adoptable(m, &options))
-                    .map(Message::payload_mut),
-            );
+            payloads.adopt_messages(&mut accepted, false);
             match groups {
                 [g] => g.publish(accepted.into_iter().map(Published::Owned), None),
                 _ => {

@@ -11,7 +11,7 @@
 //! One buffer per topic, not per thread: every group of a topic gets the topic's messages in
 //! publish order, so a group's backlog pins buffers full of its own messages rather than one
 //! buffer per retained message. Messages that may leave that order for long are not copied
-//! (delayed or keyed ones, see `adoptable` in `lib.rs`) or get their own copy back with
+//! (delayed or keyed ones, see [`PayloadBuffer::adopt_messages`]) or get their own copy back with
 //! [`detach`] (delayed retries, dead letters). What can still pin a buffer per message:
 //! deliveries in flight (at most the prefetch of each consumer), messages put back at the
 //! front by an immediate nack or an expired deadline (they are next in line), and payloads
@@ -21,6 +21,7 @@
 use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
+use spindle_core::Message;
 
 /// Payloads up to this size are copied; larger ones are passed on as they are (the copy
 /// would cost more than the allocator's lock).
@@ -46,15 +47,35 @@ struct Spare {
 }
 
 impl PayloadBuffer {
-    /// Moves a small payload into this buffer. A publisher that finds another one copying
-    /// leaves its payload where it is rather than wait.
-    pub fn adopt(&self, payload: &mut Bytes) {
+    /// Moves the small payloads of messages that will be consumed in publish order into this
+    /// buffer, taking it once. A delayed message waits past later ones, and a keyed one may
+    /// wait behind an earlier message of its key for as long as that one is delayed or held:
+    /// either would keep a whole buffer alive, so they keep their payloads.
+    pub fn adopt_messages<'a>(
+        &self,
+        messages: impl IntoIterator<Item = &'a mut Message>,
+        delayed: bool,
+    ) {
+        if !delayed {
+            self.adopt_all(
+                messages
+                    .into_iter()
+                    .filter(|m| m.key().is_none())
+                    .map(Message::payload_mut),
+            );
+        }
+    }
+
+    /// Moves a small payload into this buffer.
+    #[cfg(test)]
+    fn adopt(&self, payload: &mut Bytes) {
         self.adopt_all([payload]);
     }
 
-    /// [`PayloadBuffer::adopt`] for a batch, taking the buffer once.
-    pub fn adopt_all<'a>(&self, payloads: impl IntoIterator<Item = &'a mut Bytes>) {
-        let mut payloads = payloads.into_iter().filter(|p| copied(p)).peekable();
+    /// Moves small payloads into this buffer, taking it once. A publisher that finds another
+    /// one copying leaves its payloads where they are rather than wait.
+    fn adopt_all<'a>(&self, payloads: impl IntoIterator<Item = &'a mut Bytes>) {
+        let mut payloads = payloads.into_iter().filter(|p| copyable(p)).peekable();
         if payloads.peek().is_none() {
             return;
         }
@@ -90,12 +111,12 @@ impl PayloadBuffer {
 /// Gives a payload that may sit in a shared buffer its own allocation, so that holding it
 /// for long does not keep the rest of that buffer alive.
 pub(crate) fn detach(payload: &mut Bytes) {
-    if copied(payload) {
+    if copyable(payload) {
         *payload = Bytes::copy_from_slice(payload);
     }
 }
 
-fn copied(payload: &Bytes) -> bool {
+fn copyable(payload: &Bytes) -> bool {
     (1..=COPY_MAX).contains(&payload.len())
 }
 

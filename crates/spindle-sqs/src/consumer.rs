@@ -334,7 +334,7 @@ async fn heartbeat(
         }
         let _gate = acker.visibility_gate.lock().await;
         let now = Instant::now();
-        let due: Vec<(u64, String, Instant)> = acker
+        let due: Vec<(u64, String, i32)> = acker
             .held
             .lock()
             .unwrap()
@@ -348,24 +348,24 @@ async fn heartbeat(
                 } else {
                     left.as_secs() as i32
                 };
-                let until = now + Duration::from_secs(secs as u64);
                 // Never shortens an `extend` that reaches further.
-                (secs > 0 && h.invisible_until < until).then(|| (*token, h.receipt.clone(), until))
+                (secs > 0 && h.invisible_until < now + Duration::from_secs(secs as u64))
+                    .then(|| (*token, h.receipt.clone(), secs))
             })
             .collect();
-        let sent = due.iter().map(|(_, receipt, until)| {
-            let secs = ceil_secs(until.saturating_duration_since(now));
+        let sent = due.iter().map(|(_, receipt, secs)| {
             acker
                 .inner
                 .visibility
-                .submit(acker.queue_url.clone(), (receipt.clone(), secs), 0)
+                .submit(acker.queue_url.clone(), (receipt.clone(), *secs), 0)
         });
         let results = futures::future::join_all(sent).await;
         let mut held = acker.held.lock().unwrap();
-        for ((token, _, until), result) in due.into_iter().zip(results) {
+        for ((token, _, secs), result) in due.into_iter().zip(results) {
             match result {
                 Ok(()) => {
                     if let Some(h) = held.get_mut(&token) {
+                        let until = now + Duration::from_secs(secs as u64);
                         h.invisible_until = h.invisible_until.max(until);
                     }
                 }
